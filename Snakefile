@@ -1,0 +1,25 @@
+# Kiln: PyTorch detection checkpoints -> ONNX -> precision variants -> engines per device -> validation.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The bundled demo config, unless --configfile names others: those replace it rather
+# than being merged into it (a user's models must not inherit the demo's).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/onnx.smk"
+include: "rules/precision.smk"
+include: "rules/engines.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        summary_targets(),
+    default_target: True

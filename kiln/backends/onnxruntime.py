@@ -1,0 +1,153 @@
+"""ONNX Runtime as a device: CPU provider everywhere, CUDA provider where onnxruntime-gpu is installed.
+
+The "engine" is the session-optimized model ONNX Runtime writes itself
+(graph optimizations applied, provider-independent level), so a build is a
+real step that can fail on an unsupported op, and validation loads exactly
+the file that was built.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from kiln.errors import KilnError
+
+NAME = "onnxruntime"
+ENGINE_SUFFIX = ".onnx"
+
+# Precisions each provider can execute. The CPU provider has fp16 kernels for few ops:
+# ONNX Runtime inserts casts and computes the rest in fp32, which the engine record states.
+# It has no bf16 or fp8 kernels for convolutions, so those variants are refused at config load.
+PROVIDER_PRECISIONS = {
+    "CPUExecutionProvider": ("fp32", "fp16", "int8"),
+    "CUDAExecutionProvider": ("fp32", "fp16", "int8"),
+}
+
+
+def is_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def version() -> str | None:
+    if not is_available():
+        return None
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def check_device(device) -> list[str]:
+    """Config-time problems of an onnxruntime device, each with its fix."""
+    problems = []
+    for provider in device.providers:
+        if provider not in PROVIDER_PRECISIONS:
+            problems.append(
+                f"provider '{provider}' is not supported by Kiln's onnxruntime backend: "
+                f"use {' or '.join(PROVIDER_PRECISIONS)}"
+            )
+    if problems:
+        return problems
+    main = device.providers[0]
+    for p in device.precisions:
+        if p not in PROVIDER_PRECISIONS[main]:
+            problems.append(
+                f"precision '{p}' cannot run on ONNX Runtime's {main}: remove it from "
+                f"'devices.{device.name}.precisions' (it can do {', '.join(PROVIDER_PRECISIONS[main])}) "
+                f"or target it on a TensorRT device"
+            )
+    return problems
+
+
+def check_host(device) -> str | None:
+    """Why this host cannot run `device`, or None when it can."""
+    if not is_available():
+        return "onnxruntime is not installed on this host"
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    missing = [p for p in device.providers if p not in have]
+    if missing:
+        return f"ONNX Runtime {ort.__version__} here lacks {', '.join(missing)} (has {', '.join(have)})"
+    return None
+
+
+def source_precision(precision: str) -> str:
+    """ONNX Runtime runs the precision-variant ONNX itself (AutoCast fp16, Q/DQ int8)."""
+    return precision
+
+
+def _session_options(threads: int, optimized_path: Path | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # EXTENDED fusions are provider-independent; ALL adds layout changes tied to this CPU.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.intra_op_num_threads = max(0, threads)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return so
+
+
+def _op_histogram(path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0) -> dict:
+    """Let ONNX Runtime optimize the graph for the device's providers and save the result."""
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    try:
+        ort.InferenceSession(
+            str(onnx_path),
+            sess_options=_session_options(threads, optimized_path=engine_path),
+            providers=list(device.providers),
+        )
+    except Exception as err:  # ONNX Runtime raises its own Fail/InvalidGraph types
+        raise KilnError(f"ONNX Runtime could not load '{onnx_path}': {err}".replace("\n", " ")) from None
+    before, after = _op_histogram(onnx_path), _op_histogram(engine_path)
+    return {
+        "builder": f"onnxruntime {ort.__version__}",
+        "providers": list(device.providers),
+        "graph_optimization_level": "ORT_ENABLE_EXTENDED",
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "ops_in": before,
+        "ops_out": after,
+        # Casts ONNX Runtime inserted to run low-precision ops on fp32 kernels.
+        "casts_added": after.get("Cast", 0) - before.get("Cast", 0),
+    }
+
+
+class OrtRunner:
+    """An ONNX Runtime session behind the Runner protocol."""
+
+    def __init__(self, engine_path: Path, device, threads: int = 0):
+        import onnxruntime as ort
+
+        so = _session_options(threads)
+        # The saved model is already optimized; optimizing again would only cost load time.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(str(engine_path), sess_options=so, providers=list(device.providers))
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(list(self.output_names), feeds)
+        return dict(zip(self.output_names, outs))
+
+
+def load_runner(engine_path: Path, device, threads: int = 0) -> OrtRunner:
+    return OrtRunner(engine_path, device, threads)

@@ -1,0 +1,55 @@
+"""Stage `build`: one engine per device x model x precision, through the device's backend."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+
+from kiln import backends, paths
+from kiln.config import KilnConfig
+from kiln.errors import KilnError
+from kiln.util import atomic_path, sha256, write_json
+
+log = logging.getLogger(__name__)
+
+
+def params(cfg: KilnConfig, device: str) -> dict:
+    d = cfg.devices[device]
+    backend = backends.get(d.backend)
+    # The backend's version is part of the params: upgrading it on a host rebuilds that host's engines.
+    return {"backend": d.backend, "backend_version": backend.version(), "providers": list(d.providers)}
+
+
+def build_engine(cfg: KilnConfig, device: str, model: str, precision: str, onnx_path: Path, record: Path, threads: int = 0) -> dict:
+    """Build and write the engine and its record; a model the backend rejects is recorded as failed."""
+    d = cfg.devices[device]
+    backend = backends.get(d.backend)
+    reason = backend.check_host(d)
+    if reason:
+        raise KilnError(f"device '{device}' cannot build on host {platform.node()}: {reason}")
+    engine = Path(paths.fmt(paths.ENGINE_FILE, results=cfg.results, device=device, model=model,
+                             precision=precision, suffix=backend.ENGINE_SUFFIX))
+    info = {
+        "device": device, "model": model, "precision": precision, "backend": d.backend,
+        "backend_version": backend.version(), "host": platform.node(),
+        "onnx": str(onnx_path), "onnx_sha256": sha256(onnx_path), "opset": d.opset,
+    }
+    log.info("build %s/%s/%s with %s %s", device, model, precision, d.backend, backend.version())
+    t0 = time.perf_counter()
+    try:
+        with atomic_path(engine) as tmp:
+            meta = backend.build(onnx_path, tmp, d, precision, threads=threads)
+    except KilnError as err:
+        # The backend refused this model (unsupported op, ...): a result to report, not a crash.
+        engine.unlink(missing_ok=True)
+        info.update(status="failed", reason=str(err), build_seconds=round(time.perf_counter() - t0, 3))
+        log.error("build FAILED: %s", err)
+        write_json(record, info)
+        return info
+    info.update(status="built", engine=str(engine), engine_sha256=sha256(engine),
+                engine_bytes=engine.stat().st_size, **meta)
+    write_json(record, info)
+    log.info("build done in %.2f s: %s (%d bytes)", meta.get("build_seconds", 0), engine, info["engine_bytes"])
+    return info

@@ -1,0 +1,313 @@
+"""Load and check config.yaml: schema first (defaults filled), then what a schema cannot say."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.errors import KilnError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+NAME_HINT = "use letters, digits, '_' and '-', starting with a letter (names become file paths)"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    generator: str | None
+    seed: int
+    image_size: int
+    calib_images: str | None
+    calib_count: int
+    val_images: str | None
+    val_annotations: str | None
+    val_count: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    factory: str | None
+    factory_args: dict
+    checkpoint: str
+    layout: str
+    dataset: str
+    input_size: tuple[int, int]
+    preprocess: str
+    dynamic_batch: bool
+    dynamic_hw: bool
+    surgery: tuple[str, ...]
+    simplify: bool
+    decode: dict
+    calibration: dict
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return ("images", "orig_target_sizes") if self.layout == "rtdetr" else ("images",)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("labels", "boxes", "scores") if self.layout == "rtdetr" else ("output0",)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    backend: str
+    opset: int
+    precisions: tuple[str, ...]
+    providers: tuple[str, ...]
+    threads: int
+    batch_sizes: tuple[int, ...]
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KilnConfig:
+    """The checked configuration: what every rule and script reads."""
+
+    results: str
+    datasets: dict[str, DatasetSpec]
+    models: dict[str, ModelSpec]
+    devices: dict[str, DeviceProfile]
+    validation: dict
+    raw: dict = field(repr=False, compare=False)
+
+    def opsets(self, model: str) -> list[int]:
+        """Opsets this model is exported at: one per distinct device opset."""
+        return sorted({d.opset for d in self.devices.values() if model in d.models})
+
+    def precisions(self, model: str, opset: int) -> list[str]:
+        """Precision variants needed of this model at this opset, over every device."""
+        wanted = {
+            p for d in self.devices.values() if model in d.models and d.opset == opset for p in d.precisions
+        }
+        return [p for p in PRECISIONS if p in wanted]
+
+    def jobs(self) -> list[tuple[str, str, str]]:
+        """Every (device, model, precision) the config asks for, in config order."""
+        return [(d.name, m, p) for d in self.devices.values() for m in d.models for p in d.precisions]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML loader that refuses duplicate keys: PyYAML silently keeps the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise KilnError(
+                f"{loader.name}: line {key_node.start_mark.line + 1}: duplicate key '{key}' "
+                f"(first at line {seen[key] + 1}): give each entry its own name"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a config file, refusing duplicate keys and naming the file in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise KilnError(f"config file '{path}' not found: pass an existing file with --configfile")
+    try:
+        with path.open() as fh:
+            loader = _UniqueKeyLoader(fh)
+            loader.name = str(path)
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
+    except yaml.YAMLError as err:
+        raise KilnError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise KilnError(f"{path}: the top level must be a mapping of keys (models, devices, datasets)")
+    return data
+
+
+def check_files_unique(paths: list[str | Path]) -> None:
+    """Check each config file for duplicate keys (Snakemake's own loader does not)."""
+    for p in paths:
+        read_yaml(p)
+
+
+def _key_path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _schema_message(err) -> str:
+    """One line for a jsonschema error: which key, what is wrong, how to fix it."""
+    where = _key_path(err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        keys = ", ".join(f"'{_key_path([*err.absolute_path, k])}'" for k in extra)
+        return f"unknown key {keys}: remove it or fix its spelling (allowed here: {', '.join(allowed)})"
+    if err.validator == "propertyNames" or "propertyNames" in err.absolute_schema_path:
+        return f"invalid name '{err.instance}' under '{where}': {NAME_HINT}"
+    if err.validator == "pattern" and err.absolute_path and err.absolute_path[-1] == "factory":
+        return f"'{where}' is '{err.instance}': write it as module:function (e.g. kiln.demo.models:yolo_demo)"
+    if err.validator == "required":
+        return f"'{where}' lacks a required key: {err.message}"
+    if err.validator == "enum":
+        return f"'{where}' is {err.instance!r}: use one of {', '.join(map(str, err.validator_value))}"
+    if err.validator == "uniqueItems":
+        return f"'{where}' lists an item twice: list each once"
+    return f"'{where}': {err.message}"
+
+
+def validate_schema(raw: dict, schema_path: Path = SCHEMA_PATH) -> dict:
+    """Validate against the JSON schema and fill defaults; returns a new dict."""
+    import jsonschema
+    from snakemake.utils import validate as snakemake_validate
+
+    data = copy.deepcopy(raw)
+    schema = yaml.safe_load(schema_path.read_text())
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema).iter_errors(data),
+        key=lambda e: (list(map(str, e.absolute_path)), e.validator != "additionalProperties"),
+    )
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise KilnError(f"config: {_schema_message(best)}")
+    # Snakemake's validator is the one that fills defaults from the schema.
+    snakemake_validate(data, str(schema_path), set_default=True)
+    # Defaults are shared objects of the schema: copy so no two keys alias one dict.
+    return copy.deepcopy(data)
+
+
+def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnConfig:
+    """Validate a raw config dict and build the typed, cross-checked KilnConfig."""
+    data = validate_schema(raw)
+    base = Path(base)
+
+    datasets = {}
+    for name, d in data["datasets"].items():
+        spec = DatasetSpec(
+            name=name,
+            generator=d.get("generator"),
+            seed=d["seed"],
+            image_size=d["image_size"],
+            calib_images=d["calib"].get("images"),
+            calib_count=d["calib"]["count"],
+            val_images=d["val"].get("images"),
+            val_annotations=d["val"].get("annotations"),
+            val_count=d["val"]["count"],
+        )
+        if spec.generator is None:
+            for key, value in (
+                ("val.images", spec.val_images),
+                ("val.annotations", spec.val_annotations),
+                ("calib.images", spec.calib_images),
+            ):
+                if not value:
+                    raise KilnError(
+                        f"config: 'datasets.{name}.{key}' is missing: a dataset either sets "
+                        f"'generator: shapes' or names its image folders and COCO annotations"
+                    )
+                if check_paths and not (base / value).exists():
+                    raise KilnError(
+                        f"config: 'datasets.{name}.{key}': '{value}' not found: fix the path "
+                        f"(relative to {base.resolve()})"
+                    )
+        datasets[name] = spec
+
+    models = {}
+    for name, m in data["models"].items():
+        if m["dataset"] not in datasets:
+            raise KilnError(
+                f"config: 'models.{name}.dataset' names '{m['dataset']}', which is not under 'datasets' "
+                f"(known: {', '.join(datasets)})"
+            )
+        if m["source"] == "torch" and not m.get("factory"):
+            raise KilnError(f"config: 'models.{name}.factory' is missing: source torch needs module:function")
+        if check_paths and not (base / m["checkpoint"]).is_file():
+            raise KilnError(
+                f"config: 'models.{name}.checkpoint': file '{m['checkpoint']}' not found: "
+                f"fix the path (relative to {base.resolve()})"
+            )
+        if m["calibration"]["images"] > datasets[m["dataset"]].calib_count:
+            raise KilnError(
+                f"config: 'models.{name}.calibration.images' is {m['calibration']['images']} but dataset "
+                f"'{m['dataset']}' has calib.count {datasets[m['dataset']].calib_count}: lower one or raise the other"
+            )
+        models[name] = ModelSpec(
+            name=name,
+            source=m["source"],
+            factory=m.get("factory"),
+            factory_args=dict(m["factory_args"]),
+            checkpoint=m["checkpoint"],
+            layout=m["layout"],
+            dataset=m["dataset"],
+            input_size=tuple(m["input_size"]),
+            preprocess=m.get("preprocess") or ("resize" if m["layout"] == "rtdetr" else "letterbox"),
+            dynamic_batch=m["dynamic_batch"],
+            dynamic_hw=m["dynamic_hw"],
+            surgery=tuple(m["surgery"]),
+            simplify=m["simplify"],
+            decode=dict(m["decode"]),
+            calibration=dict(m["calibration"]),
+        )
+
+    from kiln import backends
+
+    devices = {}
+    for name, d in data["devices"].items():
+        for m in d.get("models", []):
+            if m not in models:
+                raise KilnError(
+                    f"config: 'devices.{name}.models' names '{m}', which is not under 'models' "
+                    f"(known: {', '.join(models)})"
+                )
+        device = DeviceProfile(
+            name=name,
+            backend=d["backend"],
+            opset=d["opset"],
+            precisions=tuple(d["precisions"]),
+            providers=tuple(d["providers"]),
+            threads=d["threads"],
+            batch_sizes=tuple(d["batch_sizes"]),
+            models=tuple(d.get("models") or models),
+        )
+        backend = backends.get(device.backend)
+        for problem in backend.check_device(device):
+            raise KilnError(f"config: 'devices.{name}': {problem}")
+        for bs in device.batch_sizes:
+            for m in device.models:
+                if bs > 1 and not models[m].dynamic_batch:
+                    raise KilnError(
+                        f"config: 'devices.{name}.batch_sizes' has {bs} but model '{m}' is exported with a "
+                        f"static batch: set 'models.{m}.dynamic_batch: true' or use batch size 1"
+                    )
+        devices[name] = device
+
+    return KilnConfig(
+        results=data["results"].rstrip("/"),
+        datasets=datasets,
+        models=models,
+        devices=devices,
+        validation=data["validation"],
+        raw=data,
+    )
+
+
+def load_file(path: str | Path, base: str | Path | None = None, check_paths: bool = True) -> KilnConfig:
+    """Read a config file and load it (used by tests and the command line)."""
+    path = Path(path)
+    return load(read_yaml(path), base=base if base is not None else path.parent, check_paths=check_paths)

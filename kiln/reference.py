@@ -1,0 +1,71 @@
+"""Stage `reference`: fp32 ONNX Runtime outputs on the validation inputs, the ground truth for parity."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kiln.config import KilnConfig
+from kiln.inputs import load as load_inputs
+from kiln.util import atomic_path, sha256, write_json
+
+log = logging.getLogger(__name__)
+
+
+def params(cfg: KilnConfig, model: str) -> dict:
+    return {"batch_size": cfg.validation["batch_size"], "decode": cfg.models[model].decode}
+
+
+def run_batches(infer, spec, inputs, batch_size: int) -> dict[str, np.ndarray]:
+    """Run `infer(feeds)` over all inputs in batches and stack each output along the batch axis."""
+    if not spec.dynamic_batch:
+        batch_size = 1
+    chunks: dict[str, list[np.ndarray]] = {}
+    n = len(inputs)
+    for start in range(0, n, batch_size):
+        out = infer(inputs.feeds(spec, start, min(n, start + batch_size)))
+        for name, value in out.items():
+            chunks.setdefault(name, []).append(np.asarray(value))
+        done = min(n, start + batch_size)
+        if done % (batch_size * 25) == 0 or done == n:
+            log.info("%s: %d/%d images", spec.name, done, n)
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+def make_reference(
+    cfg: KilnConfig, model: str, onnx_path: Path, inputs_npz: Path, annotations: Path, out_npz: Path, record: Path
+) -> dict:
+    """Run the fp32 ONNX on the CPU provider (the reference must not depend on a GPU) and score it."""
+    import onnxruntime as ort
+
+    from kiln.validate.accuracy import task_map
+
+    spec = cfg.models[model]
+    inputs = load_inputs(inputs_npz)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    t0 = time.perf_counter()
+    outputs = run_batches(
+        lambda feeds: dict(zip(names, session.run(names, feeds))), spec, inputs, cfg.validation["batch_size"]
+    )
+    seconds = time.perf_counter() - t0
+    with atomic_path(out_npz, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, **outputs)
+    accuracy = task_map(spec, outputs, inputs, annotations)
+    info = {
+        "model": model,
+        "onnx": str(onnx_path),
+        "onnx_sha256": sha256(onnx_path),
+        "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "images": len(inputs),
+        "seconds": round(seconds, 3),
+        "accuracy": accuracy,
+    }
+    write_json(record, info)
+    log.info("reference %s: mAP50-95 %.4f mAP50 %.4f", model, accuracy["map50_95"], accuracy["map50"])
+    return info

@@ -1,0 +1,99 @@
+"""Stage `summary`: one row per model x device x precision, as JSON, CSV and Markdown."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+
+from kiln import backends, paths
+from kiln.config import KilnConfig
+from kiln.util import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    "model", "device", "precision", "backend", "status", "reason", "simplify", "onnx_bytes", "engine_bytes",
+    "parity_min_cosine", "parity_max_abs", "detection_match_rate", "map50_95", "map50", "map_drop", "map50_drop",
+    "batch_size", "latency_mean_ms", "latency_median_ms", "latency_p99_ms", "latency_cv_percent", "throughput_ips",
+]
+
+
+def _row(cfg: KilnConfig, device: str, model: str, precision: str, not_here: str | None) -> dict:
+    d = cfg.devices[device]
+    R = cfg.results
+    row = dict.fromkeys(COLUMNS)
+    row.update(model=model, device=device, precision=precision, backend=d.backend)
+    simp = Path(paths.fmt(paths.SIMPLIFY_RECORD, results=R, model=model, opset=d.opset))
+    if simp.is_file():
+        s = read_json(simp)
+        row["simplify"] = s["status"] + (f" ({s['reason']})" if s.get("reason") else "")
+    src = backends.get(d.backend).source_precision(precision)
+    onnx = Path(paths.fmt(paths.VARIANT, results=R, model=model, opset=d.opset, precision=src))
+    if onnx.is_file():
+        row["onnx_bytes"] = onnx.stat().st_size
+    if not_here:
+        row.update(status="not run", reason=f"not run on this host: {not_here}")
+        return row
+    v = read_json(paths.fmt(paths.VALIDATION, results=R, device=device, model=model, precision=precision))
+    row.update(status=v["status"], reason=v.get("reason"), engine_bytes=v["build"].get("engine_bytes"))
+    if "parity" in v:
+        outs = [m for m in v["parity"]["outputs"].values() if "cosine" in m]
+        row["parity_min_cosine"] = min(m["cosine"] for m in outs) if outs else None
+        row["parity_max_abs"] = max(m["max_abs"] for m in outs) if outs else None
+        if "detections" in v["parity"]:
+            row["detection_match_rate"] = v["parity"]["detections"]["match_rate"]
+        a = v["accuracy"]
+        row.update(map50_95=a["map50_95"], map50=a["map50"], map_drop=a["map_drop"], map50_drop=a["map50_drop"])
+        lat = v["latency"][0]
+        row.update(
+            batch_size=lat["batch_size"], latency_mean_ms=lat["mean_ms"], latency_median_ms=lat["median_ms"],
+            latency_p99_ms=lat["p99_ms"], latency_cv_percent=lat["cv_percent"], throughput_ips=lat["throughput_ips"],
+        )
+    return row
+
+
+def rows(cfg: KilnConfig, reasons: dict[str, str | None] | None = None) -> list[dict]:
+    from kiln.workflow import runnable
+
+    reasons = runnable(cfg) if reasons is None else reasons
+    return [_row(cfg, dev, m, p, reasons.get(dev)) for dev, m, p in cfg.jobs()]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def to_markdown(table: list[dict]) -> str:
+    cols = ["model", "device", "precision", "status", "map50_95", "map50", "map50_drop", "parity_min_cosine",
+            "detection_match_rate", "latency_median_ms", "latency_p99_ms", "throughput_ips", "engine_bytes", "reason"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in table:
+        lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in cols) + " |")
+    passed = sum(r["status"] == "passed" for r in table)
+    lines += ["", f"{passed} of {len(table)} rows passed."]
+    return "# Kiln summary\n\n" + "\n".join(lines) + "\n"
+
+
+def write_summary(
+    cfg: KilnConfig, out_json: Path, out_csv: Path, out_md: Path, not_here: dict[str, str] | None = None
+) -> list[dict]:
+    """Write the three summary files; `not_here` maps devices this host cannot run to the reason."""
+    table = rows(cfg, {d: (not_here or {}).get(d) for d in cfg.devices})
+    write_json(out_json, {"rows": table, "columns": COLUMNS})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _fmt(v) if isinstance(v, float) else v for k, v in r.items()} for r in table)
+    with atomic_path(out_csv) as tmp:
+        tmp.write_text(buf.getvalue())
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(to_markdown(table))
+    log.info("summary: %d rows -> %s", len(table), os.path.dirname(out_json))
+    return table

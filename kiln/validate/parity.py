@@ -1,0 +1,82 @@
+"""Parity of an engine's outputs against the fp32 reference.
+
+Dense outputs are compared elementwise. Top-k detection outputs (RT-DETR style)
+are also compared as detections, since a legitimately different order of equal
+scores would make an elementwise comparison fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def dense(ref: np.ndarray, out: np.ndarray) -> dict:
+    """max abs error, max relative error and cosine similarity of one output."""
+    if ref.shape != out.shape:
+        return {"shape_ref": list(ref.shape), "shape": list(out.shape), "error": "shape mismatch"}
+    r = ref.astype(np.float64).ravel()
+    o = out.astype(np.float64).ravel()
+    diff = np.abs(o - r)
+    # Relative error with a floor so elements that are ~0 in the reference don't dominate.
+    floor = max(1e-3 * float(np.abs(r).max(initial=0.0)), 1e-12)
+    denom = np.maximum(np.abs(r), floor)
+    norm = float(np.linalg.norm(r) * np.linalg.norm(o))
+    cosine = float(np.dot(r, o) / norm) if norm > 0 else (1.0 if not diff.any() else 0.0)
+    result = {
+        "max_abs": float(diff.max(initial=0.0)),
+        "mean_abs": float(diff.mean()) if diff.size else 0.0,
+        "max_rel": float((diff / denom).max(initial=0.0)),
+        "cosine": cosine,
+    }
+    if not np.issubdtype(ref.dtype, np.floating):
+        result["exact_match"] = float((ref == out).mean()) if ref.size else 1.0
+    return result
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def detections(ref: list[dict], out: list[dict], min_score: float, iou: float = 0.5) -> dict:
+    """Share of reference detections (score >= min_score) found again with the same label at IoU >= iou.
+
+    Greedy by reference score; reports the box and score errors over matched pairs.
+    """
+    total = matched = 0
+    box_err = score_err = 0.0
+    for r, o in zip(ref, out, strict=True):
+        keep = r["scores"] >= min_score
+        rb, rs, rl = r["boxes"][keep], r["scores"][keep], r["labels"][keep]
+        # Candidates may sit a little below the threshold after quantization.
+        ck = o["scores"] >= min_score * 0.5
+        ob, os_, ol = o["boxes"][ck], o["scores"][ck], o["labels"][ck]
+        used = np.zeros(len(ob), dtype=bool)
+        for j in np.argsort(-rs):
+            total += 1
+            cand = np.flatnonzero((ol == rl[j]) & ~used)
+            if cand.size == 0:
+                continue
+            ious = _iou(rb[j], ob[cand])
+            best = int(np.argmax(ious))
+            if ious[best] >= iou:
+                k = cand[best]
+                used[k] = True
+                matched += 1
+                box_err = max(box_err, float(np.abs(ob[k] - rb[j]).max()))
+                score_err = max(score_err, float(abs(os_[k] - rs[j])))
+    return {
+        "reference_detections": total,
+        "matched": matched,
+        "match_rate": matched / total if total else 1.0,
+        "box_max_abs": box_err,
+        "score_max_abs": score_err,
+        "min_score": min_score,
+        "iou": iou,
+    }

@@ -1,0 +1,34 @@
+"""What the Snakefile needs from the package: the checked config and the list of targets."""
+
+from __future__ import annotations
+
+import sys
+
+from kiln import backends, paths
+from kiln.config import KilnConfig, check_files_unique, load
+from kiln.errors import KilnError
+
+
+def load_or_exit(config: dict, config_files: list[str]) -> KilnConfig:
+    """Check the config before any job runs; on a mistake print one line and stop (no traceback)."""
+    try:
+        check_files_unique(config_files)
+        return load(config, base=".")
+    except KilnError as err:
+        print(f"kiln: {err}", file=sys.stderr)
+        # os._exit-free: SystemExit from a Snakefile ends Snakemake with this status, quietly.
+        raise SystemExit(1) from None
+
+
+def runnable(cfg: KilnConfig) -> dict[str, str | None]:
+    """Device -> reason this host cannot run it (None: it can)."""
+    return {name: backends.get(d.backend).check_host(d) for name, d in cfg.devices.items()}
+
+
+def validation_targets(cfg: KilnConfig, reasons: dict[str, str | None]) -> list[str]:
+    """Validation files of every job whose device this host can run."""
+    return [
+        paths.fmt(paths.VALIDATION, results=cfg.results, device=dev, model=m, precision=p)
+        for dev, m, p in cfg.jobs()
+        if reasons[dev] is None
+    ]

@@ -1,0 +1,45 @@
+# Helpers every rule file uses: the checked config, path patterns, input functions, targets.
+import sys
+
+sys.path.insert(0, workflow.basedir)
+
+from kiln import paths, workflow as kiln_workflow
+from kiln import build as kiln_build, dataset as kiln_dataset, export as kiln_export
+from kiln import inputs as kiln_inputs, precision as kiln_precision, reference as kiln_reference
+from kiln import simplify as kiln_simplify, surgery as kiln_surgery, validate as kiln_validate
+
+KILN = kiln_workflow.load_or_exit(config, workflow.configfiles)
+HOST = kiln_workflow.runnable(KILN)
+
+
+def P(pattern, **values):
+    """A path pattern with the results folder filled and other fields left as wildcards."""
+    return paths.partial(pattern, results=KILN.results, **values)
+
+
+def LOG(rule, name):
+    return P(paths.LOG, rule=rule, name=name)
+
+
+wildcard_constraints:
+    model=r"[A-Za-z][A-Za-z0-9_-]*",
+    device=r"[A-Za-z][A-Za-z0-9_-]*",
+    dataset=r"[A-Za-z][A-Za-z0-9_-]*",
+    opset=r"\d+",
+    split=r"calib|val",
+    precision=r"fp32|fp16|bf16|int8|fp8",
+
+
+def dataset_of(model, split):
+    return P(paths.DATASET, dataset=KILN.models[model].dataset, split=split)
+
+
+def engine_source(w):
+    """The precision-variant ONNX a device's backend builds this engine from."""
+    d = KILN.devices[w.device]
+    src = kiln_workflow.backends.get(d.backend).source_precision(w.precision)
+    return P(paths.VARIANT, model=w.model, opset=d.opset, precision=src)
+
+
+def summary_targets():
+    return [P(paths.SUMMARY_JSON), P(paths.SUMMARY_CSV), P(paths.SUMMARY_MD)]

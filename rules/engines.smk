@@ -1,0 +1,57 @@
+# Reference outputs, one engine per device x model x precision, and its validation on the device.
+
+
+rule reference:
+    input:
+        onnx=P(paths.SURGERY),
+        inputs=P(paths.INPUTS, split="val"),
+        annotations=lambda w: dataset_of(w.model, "val"),
+    output:
+        outputs=P(paths.REFERENCE),
+        record=P(paths.REFERENCE_RECORD),
+    log:
+        LOG("reference", "{model}_opset{opset}"),
+    params:
+        spec=lambda w: kiln_reference.params(KILN, w.model),
+    threads: 2
+    conda:
+        "../envs/kiln.yaml"
+    script:
+        "../scripts/reference.py"
+
+
+rule build:
+    input:
+        onnx=engine_source,
+    output:
+        P(paths.ENGINE_RECORD),
+    log:
+        LOG("build", "{device}_{model}_{precision}"),
+    params:
+        spec=lambda w: kiln_build.params(KILN, w.device),
+    threads: 2
+    conda:
+        "../envs/kiln.yaml"
+    script:
+        "../scripts/build.py"
+
+
+rule validate:
+    input:
+        engine=P(paths.ENGINE_RECORD),
+        reference=lambda w: P(paths.REFERENCE, model=w.model, opset=KILN.devices[w.device].opset),
+        reference_record=lambda w: P(paths.REFERENCE_RECORD, model=w.model, opset=KILN.devices[w.device].opset),
+        inputs=P(paths.INPUTS, split="val"),
+        annotations=lambda w: dataset_of(w.model, "val"),
+    output:
+        P(paths.VALIDATION),
+    log:
+        LOG("validate", "{device}_{model}_{precision}"),
+    params:
+        spec=lambda w: kiln_validate.params(KILN, w.device, w.model, w.precision),
+    # Latency is measured with the host to itself: ask for every core Snakemake has.
+    threads: lambda w: KILN.devices[w.device].threads or 1024
+    conda:
+        "../envs/kiln.yaml"
+    script:
+        "../scripts/validate.py"

@@ -1,0 +1,7 @@
+"""Rule summary: the run's table as JSON, CSV and Markdown (kiln.summary)."""
+from kiln.entry import script
+from kiln.summary import write_summary
+
+with script(snakemake) as cfg:  # noqa: F821
+    o = snakemake.output
+    write_summary(cfg, o.json, o.csv, o.md, not_here=snakemake.params.not_here)

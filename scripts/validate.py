@@ -1,0 +1,8 @@
+"""Rule validate: parity, mAP and latency of one engine on its device (kiln.validate)."""
+from kiln.entry import script
+from kiln.validate import validate
+
+with script(snakemake) as cfg:  # noqa: F821
+    w, i = snakemake.wildcards, snakemake.input
+    validate(cfg, w.device, w.model, w.precision, i.engine, i.reference, i.reference_record, i.inputs,
+             i.annotations, snakemake.output[0], threads=snakemake.threads)

@@ -1,0 +1,67 @@
+"""Shared fixtures: a small valid config on disk, and helpers to break it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(checkpoint_yolo: str = "models/demo_yolo.pt", checkpoint_rtdetr: str = "models/demo_rtdetr.pt") -> dict:
+    """A config like the demo, but small enough for tests (few images, short latency runs)."""
+    return {
+        "results": "results",
+        "datasets": {"demo": {"generator": "shapes", "seed": 0, "image_size": 256, "calib": {"count": 8},
+                              "val": {"count": 16}}},
+        "models": {
+            "yolo_demo": {
+                "source": "torch", "factory": "kiln.demo.models:yolo_demo", "factory_args": {"num_classes": 3},
+                "checkpoint": checkpoint_yolo, "layout": "yolo", "dataset": "demo", "input_size": [256, 256],
+                "calibration": {"images": 8},
+            },
+            "rtdetr_demo": {
+                "source": "torch", "factory": "kiln.demo.models:rtdetr_demo", "factory_args": {"num_classes": 3},
+                "checkpoint": checkpoint_rtdetr, "layout": "rtdetr", "dataset": "demo", "input_size": [256, 256],
+                "calibration": {"images": 8},
+            },
+        },
+        "devices": {"cpu": {"backend": "onnxruntime", "opset": 17, "precisions": ["fp32", "fp16", "int8"],
+                            "batch_sizes": [1]}},
+        "validation": {"batch_size": 8, "latency": {"warmup_ms": 10, "min_iterations": 5, "min_seconds": 0.05}},
+    }
+
+
+@pytest.fixture
+def config_dict() -> dict:
+    return copy.deepcopy(tiny_config())
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A working directory holding the committed demo checkpoints under models/."""
+    (tmp_path / "models").mkdir()
+    for name in ("demo_yolo.pt", "demo_rtdetr.pt"):
+        src = REPO / "models" / name
+        if not src.is_file():
+            pytest.skip(f"committed checkpoint {src} is missing")
+        shutil.copy(src, tmp_path / "models" / name)
+    return tmp_path
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def chdir(tmp_path: Path):
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(old)

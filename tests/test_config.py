@@ -1,0 +1,114 @@
+"""Config loading: defaults from the schema, and one clear message for each user mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kiln.config import load, load_file
+from kiln.errors import KilnError
+from tests.conftest import REPO, write_config
+
+
+def test_demo_config_loads_with_defaults():
+    cfg = load_file(REPO / "config.yaml", base=REPO)
+    assert set(cfg.models) == {"yolo_demo", "rtdetr_demo"}
+    cpu = cfg.devices["cpu"]
+    assert cpu.precisions == ("fp32", "fp16", "int8")
+    assert cpu.models == ("yolo_demo", "rtdetr_demo")  # default: every model
+    y = cfg.models["yolo_demo"]
+    assert y.preprocess == "letterbox" and cfg.models["rtdetr_demo"].preprocess == "resize"
+    assert y.surgery == ("remove_training_nodes", "fold_constants", "cleanup", "infer_shapes")
+    assert y.decode == {"conf_threshold": 0.001, "iou_threshold": 0.6, "max_det": 300}
+    assert cfg.validation["thresholds"]["int8"]["map50_drop_max"] == 0.05
+    assert cfg.opsets("yolo_demo") == [17]
+    assert cfg.precisions("yolo_demo", 17) == ["fp32", "fp16", "int8"]
+    assert len(cfg.jobs()) == 6
+
+
+def test_defaults_are_not_shared_between_models(config_dict):
+    cfg = load(config_dict, check_paths=False)
+    a, b = cfg.models["yolo_demo"].calibration, cfg.models["rtdetr_demo"].calibration
+    assert a == b and a is not b
+
+
+def _edit(d, path, value):
+    *head, last = path
+    for k in head:
+        d = d[k]
+    if value is KeyError:
+        del d[last]
+    else:
+        d[last] = value
+
+
+BAD = [
+    (("models", "yolo_demo", "inputsize"), [256, 256], "unknown key 'models.yolo_demo.inputsize'"),
+    (("devices", "cpu", "precisions"), ["fp32", "bf16"], "precision 'bf16' cannot run on ONNX Runtime's CPUExecutionProvider"),
+    (("devices", "cpu", "precisions"), ["fp32", "int4"], "'devices.cpu.precisions[1]' is 'int4': use one of fp32"),
+    (("devices", "cpu", "precisions"), ["fp32", "fp32"], "'devices.cpu.precisions' lists an item twice"),
+    (("devices", "cpu", "opset"), 25, "'devices.cpu.opset': 25 is greater than the maximum of 20"),
+    (("devices", "cpu", "opset"), 9, "'devices.cpu.opset': 9 is less than the minimum of 13"),
+    (("devices", "cpu", "backend"), "tensorrtx", "'devices.cpu.backend' is 'tensorrtx': use one of onnxruntime"),
+    (("devices", "cpu", "models"), ["yolo"], "'devices.cpu.models' names 'yolo', which is not under 'models'"),
+    (("devices", "cpu", "batch_sizes"), [0], "'devices.cpu.batch_sizes[0]': 0 is less than the minimum of 1"),
+    (("models", "yolo_demo", "dataset"), "coco", "'models.yolo_demo.dataset' names 'coco', which is not under 'datasets'"),
+    (("models", "yolo_demo", "input_size"), [250, 256], "'models.yolo_demo.input_size[0]': 250 is not a multiple of 32"),
+    (("models", "yolo_demo", "layout"), "ssd", "'models.yolo_demo.layout' is 'ssd': use one of yolo, rtdetr"),
+    (("models", "yolo_demo", "factory"), "kiln.demo.models.yolo_demo", "write it as module:function"),
+    (("models", "yolo_demo", "checkpoint"), KeyError, "'models.yolo_demo' lacks a required key: 'checkpoint'"),
+    (("models", "yolo_demo", "calibration", "images"), 100, "'models.yolo_demo.calibration.images' is 100 but dataset 'demo' has calib.count 8"),
+    (("datasets", "demo", "generator"), KeyError, "'datasets.demo.val.images' is missing"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), BAD, ids=[".".join(b[0]) + "=" + str(b[1]) for b in BAD])
+def test_bad_config_is_refused_with_clear_message(config_dict, path, value, message):
+    _edit(config_dict, path, value)
+    with pytest.raises(KilnError) as err:
+        load(config_dict, check_paths=False)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_invalid_name_is_refused(config_dict):
+    config_dict["models"]["my model"] = config_dict["models"].pop("yolo_demo")
+    with pytest.raises(KilnError, match=r"invalid name 'my model' under 'models': use letters"):
+        load(config_dict, check_paths=False)
+
+
+def test_missing_checkpoint_names_key_and_file(config_dict, tmp_path):
+    with pytest.raises(KilnError, match=r"'models.yolo_demo.checkpoint': file 'models/demo_yolo.pt' not found"):
+        load(config_dict, base=tmp_path)
+
+
+def test_missing_dataset_files_named(config_dict, tmp_path):
+    config_dict["datasets"]["demo"] = {"val": {"images": "val/img", "annotations": "val.json"}, "calib": {"images": "c"}}
+    with pytest.raises(KilnError, match=r"'datasets.demo.val.images': 'val/img' not found"):
+        load(config_dict, base=tmp_path, check_paths=True)
+
+
+def test_duplicate_yaml_key_is_refused(tmp_path):
+    text = (REPO / "config.yaml").read_text().replace("  rtdetr_demo:", "  yolo_demo:")
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(KilnError, match=r"dup.yaml: line \d+: duplicate key 'yolo_demo' \(first at line \d+\)"):
+        load_file(path, base=REPO)
+
+
+def test_snakemake_prints_one_line_without_traceback(config_dict, tmp_path):
+    """The same refusal through the workflow: before any job, one line, no Python traceback."""
+    config_dict["devices"]["cpu"]["precisions"] = ["fp8"]
+    cfgfile = write_config(tmp_path / "bad.yaml", config_dict)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(REPO / "Snakefile"),
+         "--configfile", str(cfgfile), "--directory", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "kiln: config: 'devices.cpu': precision 'fp8' cannot run on ONNX Runtime's CPUExecutionProvider" in out
+    assert "Traceback" not in out and 'File "' not in out
+    assert not (tmp_path / "results").exists()
