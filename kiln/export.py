@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pickle
+import zipfile
 from pathlib import Path
 
 from kiln.config import KilnConfig, ModelSpec
@@ -53,10 +54,17 @@ def load_state_dict(path: str | Path, model_name: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0]
+        if not zipfile.is_zipfile(path):
+            raise KilnError(
+                f"checkpoint '{path}' could not be read by torch.load: it is not a PyTorch checkpoint "
+                f"(or it is damaged): fix 'models.{model_name}.checkpoint'"
+            ) from None
+        # torch names the class it refused, e.g. "Unsupported global: GLOBAL pkg.Model".
+        detail = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
         raise KilnError(
-            f"checkpoint '{path}' is not a weights-only state_dict ({first}); Kiln loads checkpoints with "
-            f"torch.load(weights_only=True) because a full pickle can run code: save model.state_dict() instead"
+            f"checkpoint '{path}' is not a weights-only state_dict{f' ({detail})' if detail else ''}: Kiln loads "
+            f"checkpoints with torch.load(weights_only=True) because a full pickle can run code; "
+            f"save model.state_dict() instead"
         ) from None
     except Exception as err:  # zip/EOF/format errors from a damaged or foreign file
         raise KilnError(
@@ -84,13 +92,17 @@ def build_module(spec: ModelSpec):
     if not isinstance(module, torch.nn.Module):
         raise KilnError(f"config: 'models.{spec.name}.factory' returned {type(module).__name__}, not a torch nn.Module")
     state = load_state_dict(spec.checkpoint, spec.name)
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or resized:
         raise KilnError(
-            f"checkpoint '{spec.checkpoint}' does not fit 'models.{spec.name}.factory' "
-            f"(missing {len(result.missing_keys)} keys e.g. {result.missing_keys[:3]}, unexpected "
-            f"{len(result.unexpected_keys)} e.g. {result.unexpected_keys[:3]}): check factory_args and the checkpoint"
+            f"checkpoint '{spec.checkpoint}' does not fit 'models.{spec.name}.factory' with its factory_args "
+            f"({len(missing)} missing keys {missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, "
+            f"{len(resized)} of another shape {resized[:2]}): check factory_args (e.g. num_classes) and the checkpoint"
         )
+    module.load_state_dict(state, strict=True)
     return module.eval()
 
 

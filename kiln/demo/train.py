@@ -67,7 +67,7 @@ def load_split(ann_path: Path) -> Split:
         per_image[a["image_id"]].append(a)
     imgs, boxes, labels, ids = [], [], [], []
     for im in coco["images"]:
-        arr = np.asarray(Image.open(Path(ann_path).parent / "images" / im["file_name"]).convert("RGB"))
+        arr = np.array(Image.open(Path(ann_path).parent / "images" / im["file_name"]).convert("RGB"))
         imgs.append(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
         anns = per_image[im["id"]]
         b = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -251,7 +251,7 @@ def dense_loss(
     else:
         loss_box = boxes.sum() * 0.0
     loss = box_gain * loss_box + cls_gain * loss_cls
-    return loss, {"box": float(loss_box), "cls": float(loss_cls)}
+    return loss, {"box": float(loss_box.detach()), "cls": float(loss_cls.detach())}
 
 
 @torch.no_grad()
@@ -310,7 +310,7 @@ def set_loss(
     weight = 0.75 * p.pow(2) * (target == 0) + target
     loss_vfl = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / num
     loss = loss_vfl + 5.0 * loss_l1 + 2.0 * loss_giou
-    return loss, {"vfl": float(loss_vfl), "l1": float(loss_l1), "giou": float(loss_giou)}
+    return loss, {"vfl": float(loss_vfl.detach()), "l1": float(loss_l1.detach()), "giou": float(loss_giou.detach())}
 
 
 def _xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
@@ -459,7 +459,7 @@ def train_model(
             opt.step()
             ema.update(model)
             step += 1
-            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
         msg = " ".join(f"{k}={v / steps_per_epoch:.4f}" for k, v in sums.items())
@@ -495,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="yolo,rtdetr", help="comma list of models to train")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=5, help="evaluate on val every N epochs (and at the end)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             factory=yolo_demo,
             factory_args={"num_classes": len(CLASS_NAMES), "width": 16, "neck_channels": 64},
             loss=yolo_loss,
-            cfg=TrainConfig(epochs=args.yolo_epochs, seed=args.seed),
+            cfg=TrainConfig(epochs=args.yolo_epochs, seed=args.seed, eval_every=args.eval_every),
             extra={
                 "preprocess": "letterbox",
                 "output_format": "yolov8",
@@ -551,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 "num_decoder_layers": 2,
             },
             loss=rtdetr_loss,
-            cfg=TrainConfig(epochs=args.rtdetr_epochs, seed=args.seed),
+            cfg=TrainConfig(epochs=args.rtdetr_epochs, seed=args.seed, eval_every=args.eval_every),
             extra={
                 "preprocess": "resize",
                 "output_format": "rtdetr",

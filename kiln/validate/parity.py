@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kiln.postprocess import box_iou
+
 
 def dense(ref: np.ndarray, out: np.ndarray) -> dict:
     """max abs error, max relative error and cosine similarity of one output."""
@@ -33,17 +35,6 @@ def dense(ref: np.ndarray, out: np.ndarray) -> dict:
     return result
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-9)
-
-
 def detections(ref: list[dict], out: list[dict], min_score: float, iou: float = 0.5) -> dict:
     """Share of reference detections (score >= min_score) found again with the same label at IoU >= iou.
 
@@ -63,7 +54,7 @@ def detections(ref: list[dict], out: list[dict], min_score: float, iou: float = 
             cand = np.flatnonzero((ol == rl[j]) & ~used)
             if cand.size == 0:
                 continue
-            ious = _iou(rb[j], ob[cand])
+            ious = box_iou(rb[j][None], ob[cand])[0]
             best = int(np.argmax(ious))
             if ious[best] >= iou:
                 k = cand[best]
