@@ -4,8 +4,8 @@ One fp32 ONNX export becomes one variant per precision:
 
 * ``fp32``: the bytes of the export, copied.
 * ``fp16`` / ``bf16``: ModelOpt AutoCast (``convert_to_mixed_precision``). Nodes whose reference
-  activations leave the fp16 range stay fp32, Cast nodes are inserted at the borders, graph IO stays
-  fp32 (``keep_io_types``). bf16 needs opset 22, so AutoCast raises the opset to 22.
+  activations exceed +-512 (where fp16's step is already 0.5) stay fp32, Cast nodes are inserted at
+  the borders, graph IO stays fp32 (``keep_io_types``). bf16 needs opset 22; AutoCast raises it.
 * ``int8`` / ``fp8``: ModelOpt ONNX PTQ (``modelopt.onnx.quantization.quantize``) with calibration on
   the ONNX Runtime CPU provider, giving explicit QuantizeLinear/DequantizeLinear pairs (opset >= 19),
   then AutoCast to fp16 for everything that is not quantized (see ``HIGH_PRECISION_DTYPE``).
@@ -93,6 +93,8 @@ _NOISE = (
     re.compile(r"NVML Shared Library Not Found"),  # GPU count probe, logged at ERROR level on CPU
     re.compile(r"Did not find\s+in value info map"),  # empty optional input name (e.g. Resize roi)
     re.compile(r"Shared constants were detected and duplicated"),
+    # Our own second AutoCast pass over the Q/DQ model; fp16 Q/DQ scales need opset 19, as intended.
+    re.compile(r"Found QuantizeLinear/DequantizeLinear nodes\. Updating minimum opset"),
 )
 _PROGRESS = re.compile(r"\d+%\||it/s\]|s/it\]")  # tqdm bars from ORT's calibrator
 _MODELOPT_LINE = re.compile(r"\[modelopt\]\[onnx\] - [A-Z]+ - |^\S+ - modelopt\.onnx")
@@ -208,8 +210,9 @@ def make_variant(
     (AutoCast's range check runs on a few of its samples instead of random data).
 
     ``dst`` appears atomically: the variant is verified (ONNX checker, IO types) in a scratch
-    directory, copied next to ``dst`` under a temporary name and renamed. A failure leaves no
-    ``dst`` and no stray files beside ``src`` or ``dst``.
+    directory, copied next to ``dst`` under a temporary name and renamed. A failure writes no
+    ``dst`` (an older one stays as it was) and leaves no stray files beside ``src`` or ``dst``.
+    The variant is one self-contained .onnx file (external data of ``src`` is inlined; < 2 GB).
 
     Raises KilnError for what the user can fix (missing/invalid ``src``, unknown precision or
     calibration method, missing or mismatching calibration data, exclusion patterns that match
@@ -220,7 +223,7 @@ def make_variant(
     _check_options(src, options)
     if src.resolve() == dst.resolve():
         raise KilnError(f"{dst}: the variant must not overwrite its source {src}; give another output path")
-    model = _load_source(src)
+    model, external = _load_source(src)
     if options.precision != "fp32":
         _check_convertible(src, model, options)
     calib = _check_calib(src, model, options.precision, calib)
@@ -242,7 +245,10 @@ def make_variant(
 
     if options.precision == "fp32":
         record.update(tool="copy", tool_version=None, method="copy")
-        _atomic_copy(src, dst)
+        if external:  # the .onnx alone would point at data files that are not beside dst
+            _atomic_write(model.SerializeToString(), dst)
+        else:
+            _atomic_copy(src, dst)
         record.update(_summary(model, model), size_bytes=dst.stat().st_size)
         record["wall_s"] = round(time.perf_counter() - t0, 3)
         log(f"fp32: copied {src} -> {dst}")
@@ -463,13 +469,18 @@ def _check_options(src: Path, options: PrecisionOptions) -> None:
             ) from None
 
 
-def _load_source(src: Path) -> onnx.ModelProto:
+def _load_source(src: Path) -> tuple[onnx.ModelProto, bool]:
+    """The checked model with its weights loaded, and whether they came from external data files."""
     if not src.is_file():
         raise KilnError(f"{src}: ONNX file not found; export the fp32 model first or fix the path")
     try:
         onnx.checker.check_model(str(src))  # path form: works for >2 GB / external-data models
-        return onnx.load(str(src))  # loads external data from src's folder, if any
-    except Exception as e:  # DecodeError, ValidationError, OSError...
+        model = onnx.load(str(src), load_external_data=False)
+        external = any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+        if external:
+            onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
+        return model, external
+    except Exception as e:  # noqa: BLE001  DecodeError, ValidationError, OSError...: all mean unusable
         msg = " ".join(str(e).split())[:300]
         raise KilnError(
             f"{src}: not a valid ONNX model ({type(e).__name__}: {msg}); re-export it "
@@ -485,9 +496,7 @@ def _check_convertible(src: Path, model: onnx.ModelProto, options: PrecisionOpti
             "made from the plain fp32 export, give that instead"
         )
     low = sum(
-        1
-        for t in model.graph.initializer
-        if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+        1 for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
     )
     f32 = sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
     if low > f32:
@@ -539,19 +548,26 @@ def _check_calib(
     for vi in inputs:
         a = np.asarray(calib[vi.name])
         tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        # Unknown rank (no shape in the graph): accept any shape, ModelOpt/ORT will complain if wrong.
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        else:
+            dims = [None] * a.ndim
         if a.ndim != len(dims):
             raise KilnError(
                 f"{src}: calibration input {vi.name!r} has shape {a.shape}, the graph expects rank {len(dims)} "
                 f"({_dims_str(dims)}); stack samples on axis 0 in the model's input layout"
             )
-        bad = [k for k in range(1, a.ndim) if dims[k] is not None and dims[k] != a.shape[k]]
-        batch = dims[0] or 1
-        if bad or a.shape[0] == 0 or a.shape[0] % batch:
+        if any(dims[k] is not None and dims[k] != a.shape[k] for k in range(1, a.ndim)):
             raise KilnError(
-                f"{src}: calibration input {vi.name!r} has shape {a.shape}, the graph expects "
-                f"({_dims_str(dims)}) with axis 0 a non-zero multiple of {batch}; regenerate the "
-                "calibration inputs at the export's image size"
+                f"{src}: calibration input {vi.name!r} has samples of shape {a.shape[1:]}, the graph "
+                f"expects ({_dims_str(dims)}); regenerate the calibration inputs at the export's input size"
+            )
+        batch = dims[0] or 1  # ModelOpt feeds calibration in chunks of the static batch size
+        if a.shape[0] == 0 or a.shape[0] % batch:
+            raise KilnError(
+                f"{src}: calibration input {vi.name!r} holds {a.shape[0]} samples, which is not a non-zero "
+                f"multiple of the export's static batch size {batch}; give a multiple of {batch}"
             )
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if np.issubdtype(dtype, np.floating):
@@ -707,7 +723,7 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every named tensor, after type inference (best effort)."""
     try:
         m = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:
+    except Exception:  # noqa: BLE001  statistics only: fall back to the types the model already declares
         m = model
     types = {t.name: t.data_type for t in m.graph.initializer}
     for v in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
@@ -727,16 +743,17 @@ def _summary(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, Any]:
     ops_after = Counter(n.op_type for n in after.graph.node)
     delta = {k: ops_after[k] - ops_before[k] for k in set(ops_before) | set(ops_after)}
     types = _tensor_types(after)
-    compute = [n for n in after.graph.node if n.op_type not in ("Constant", "QuantizeLinear", "DequantizeLinear", "Cast")]
+    plumbing = ("Constant", "QuantizeLinear", "DequantizeLinear", "Cast")
+    compute = [n for n in after.graph.node if n.op_type not in plumbing]
     node_dtypes = Counter(_dtype_name(types[n.output[0]]) for n in compute if n.output and n.output[0] in types)
     producer = {o: n for n in after.graph.node for o in n.output}
     quantized = Counter(
-        n.op_type
-        for n in compute
-        if any(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input)
+        n.op_type for n in compute if any(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input)
     )
     q_types = Counter(
-        _dtype_name(types[n.output[0]]) for n in after.graph.node if n.op_type == "QuantizeLinear" and n.output[0] in types
+        _dtype_name(types[n.output[0]])
+        for n in after.graph.node
+        if n.op_type == "QuantizeLinear" and n.output[0] in types
     )
     return {
         "opset": next((o.version for o in after.opset_import if o.domain in ("", "ai.onnx")), None),
@@ -748,10 +765,7 @@ def _summary(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, Any]:
         "nodes_by_output_dtype": dict(node_dtypes),
         "quantized_ops": dict(quantized),
         "quantized_dtype": dict(q_types),
-        "io": {
-            v.name: _dtype_name(v.type.tensor_type.elem_type)
-            for v in [*_graph_inputs(after), *after.graph.output]
-        },
+        "io": {v.name: _dtype_name(v.type.tensor_type.elem_type) for v in [*_graph_inputs(after), *after.graph.output]},
     }
 
 
@@ -791,13 +805,18 @@ def _warn_about_result(record: dict[str, Any], options: PrecisionOptions, log: C
             log(f"WARNING: output Sigmoid {s['name']} is not plain fp32 ({s}); check the exclusion")
 
 
-def _atomic_copy(path: Path, dst: Path) -> None:
-    """Copy ``path`` to a temporary file beside ``dst`` and rename it over ``dst`` (same filesystem)."""
+@contextlib.contextmanager
+def _atomic_file(dst: Path) -> Iterator[io.BufferedWriter]:
+    """A binary file that becomes ``dst`` by rename when the block succeeds, and vanishes if not.
+
+    The temporary file lives beside ``dst`` so the final os.replace is atomic (same filesystem):
+    readers, and Snakemake, never see a half-written model.
+    """
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should look like any other file
-        with os.fdopen(fd, "wb") as f, open(path, "rb") as g:
-            shutil.copyfileobj(g, f, 1 << 22)
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dst)
@@ -805,6 +824,16 @@ def _atomic_copy(path: Path, dst: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _atomic_write(data: bytes, dst: Path) -> None:
+    with _atomic_file(dst) as f:
+        f.write(data)
+
+
+def _atomic_copy(path: Path, dst: Path) -> None:
+    with _atomic_file(dst) as f, open(path, "rb") as g:
+        shutil.copyfileobj(g, f, 1 << 22)
 
 
 def _umask() -> int:
@@ -917,7 +946,7 @@ class _Handler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.capture.warning(f"{record.levelname}: {record.getMessage()}")
-        except Exception:  # logging must never break the conversion
+        except Exception:  # noqa: BLE001  logging must never break the conversion
             self.handleError(record)
 
 
@@ -942,3 +971,58 @@ class _Sink(io.TextIOBase):
         if self._buf:
             self.capture.line(self._buf)
             self._buf = ""
+
+
+# --------------------------------------------------------------------------------------------------
+# The `precision` and `quantize` rules
+
+
+def params(cfg, model: str, precision: str) -> dict:
+    """What changes a variant's bytes (tracked by Snakemake): the calibration block for int8/fp8."""
+    if precision in QUANT_PRECISIONS:
+        return {"precision": precision, "calibration": dict(cfg.models[model].calibration)}
+    return {"precision": precision}
+
+
+def variant_for_rule(
+    cfg,
+    model: str,
+    precision: str,
+    src: str | Path,
+    dst: str | Path,
+    record: str | Path,
+    calib_npz: str | Path | None = None,
+    calib_list: str | Path | None = None,
+) -> dict:
+    """Make one variant for the workflow: calibration data from the preprocessed calib split."""
+    from kiln.inputs import load as load_inputs
+    from kiln.util import atomic_path, write_json
+
+    spec = cfg.models[model]
+    options = options_from_config(precision, spec.calibration)
+    calib = None
+    if precision in QUANT_PRECISIONS:
+        data = load_inputs(calib_npz)
+        n = min(len(data), spec.calibration["images"])
+        calib = data.feeds(spec, 0, n)
+        names = _calib_file_names(cfg, spec, data.image_ids[:n])
+        with atomic_path(calib_list) as tmp:
+            tmp.write_text("".join(f"{name}\n" for name in names))
+    logger = logging.getLogger(__name__)
+    logger.info("%s %s: making %s variant of %s", model, precision, precision, src)
+    info = make_variant(Path(src), Path(dst), options, calib=calib, log=logger.warning)
+    info["calibration_images"] = len(calib["images"]) if calib else 0
+    write_json(record, info)
+    logger.info("%s %s: done in %.2f s", model, precision, info["wall_s"])
+    return info
+
+
+def _calib_file_names(cfg, spec, image_ids) -> list[str]:
+    """File names of the calibration images, in the order they were fed."""
+    import json
+
+    from kiln import paths
+
+    ann = paths.fmt(paths.DATASET, results=cfg.results, dataset=spec.dataset, split="calib")
+    by_id = {im["id"]: im["file_name"] for im in json.loads(Path(ann).read_text())["images"]}
+    return [by_id[int(i)] for i in image_ids]

@@ -1,0 +1,35 @@
+"""`kiln` command line: check a config and list what it would build."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kiln.errors import KilnError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate a config file and list its model x device x precision jobs")
+    check.add_argument("configfile", nargs="?", default="config.yaml")
+    args = parser.parse_args(argv)
+
+    from kiln.config import load_file
+    from kiln.workflow import runnable
+
+    try:
+        cfg = load_file(args.configfile, base=".")
+    except KilnError as err:
+        print(f"kiln: {err}", file=sys.stderr)
+        return 1
+    reasons = runnable(cfg)
+    for device, model, precision in cfg.jobs():
+        where = "runs here" if reasons[device] is None else f"not here: {reasons[device]}"
+        print(f"{model:20s} {device:16s} {precision:6s} {where}")
+    print(f"{args.configfile}: OK, {len(cfg.jobs())} jobs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

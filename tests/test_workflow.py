@@ -1,0 +1,82 @@
+"""The workflow end to end on a tiny config: real exports, variants, ONNX Runtime runs and a summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln.util import read_json
+from tests.conftest import REPO, tiny_config, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Run the tiny workflow once for the whole module."""
+    work = tmp_path_factory.mktemp("kiln")
+    (work / "models").mkdir()
+    for name in ("demo_yolo.pt", "demo_rtdetr.pt"):
+        if not (REPO / "models" / name).is_file():
+            pytest.skip(f"committed checkpoint models/{name} is missing")
+        (work / "models" / name).write_bytes((REPO / "models" / name).read_bytes())
+    write_config(work / "config.yaml", tiny_config())
+    proc = snakemake(work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return work, proc
+
+
+def test_summary_has_a_row_per_model_device_precision(run):
+    work, _ = run
+    summary = read_json(work / "results/report/summary.json")
+    rows = {(r["model"], r["device"], r["precision"]): r for r in summary["rows"]}
+    assert set(rows) == {(m, "cpu", p) for m in ("yolo_demo", "rtdetr_demo") for p in ("fp32", "fp16", "int8")}
+    for key, r in rows.items():
+        assert r["status"] in ("passed", "failed"), (key, r)
+        assert r["simplify"].startswith("simplified"), (key, r["simplify"])
+        assert r["onnx_bytes"] > 10_000 and r["engine_bytes"] > 10_000
+        assert 0.0 <= r["map50"] <= 1.0 and 0.0 <= r["map50_95"] <= r["map50"]
+        assert r["latency_median_ms"] > 0 and r["throughput_ips"] > 0
+        assert r["latency_p99_ms"] >= r["latency_median_ms"] >= 0
+    # fp32 through ONNX Runtime's optimizer stays numerically the reference.
+    assert rows[("yolo_demo", "cpu", "fp32")]["parity_min_cosine"] > 0.9999
+    assert rows[("yolo_demo", "cpu", "fp32")]["map50_drop"] == pytest.approx(0.0, abs=1e-3)
+    assert rows[("rtdetr_demo", "cpu", "fp32")]["detection_match_rate"] > 0.99
+    # The trained demo detector is good enough that its mAP means something even on 16 images.
+    assert rows[("yolo_demo", "cpu", "fp32")]["map50"] >= 0.5
+    assert (work / "results/report/summary.csv").read_text().count("\n") == 7
+    assert "| yolo_demo | cpu | int8 |" in (work / "results/report/summary.md").read_text()
+
+
+def test_artifacts_are_real_variants(run):
+    import onnx
+
+    work, _ = run
+    base = work / "results/onnx/yolo_demo/opset17"
+    int8 = onnx.load(str(base / "int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+    fp16 = onnx.load(str(base / "fp16.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    assert fp16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # IO kept fp32
+    calib = (base / "int8.calib.txt").read_text().split()
+    assert len(calib) == 8
+    v = read_json(work / "results/validation/cpu/rtdetr_demo/int8/validation.json")
+    assert set(v["parity"]["outputs"]) == {"labels", "boxes", "scores"} and "detections" in v["parity"]
+    assert [lat["batch_size"] for lat in v["latency"]] == [1]
+    assert v["latency"][0]["iterations"] >= 5
+
+
+def test_second_run_has_nothing_to_do(run):
+    work, _ = run
+    proc = snakemake(work, "-n")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
