@@ -12,6 +12,17 @@ if not workflow.overwrite_configfiles:
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    model=r"[A-Za-z][A-Za-z0-9_-]*",
+    device=r"[A-Za-z][A-Za-z0-9_-]*",
+    dataset=r"[A-Za-z][A-Za-z0-9_-]*",
+    opset=r"\d+",
+    split=r"calib|val",
+    precision=r"fp32|fp16|bf16|int8|fp8",
+
+
 include: "rules/data.smk"
 include: "rules/onnx.smk"
 include: "rules/precision.smk"

@@ -10,7 +10,7 @@ Detections are dicts ``{"boxes": (N, 4) float32 xyxy, "scores": (N,) float32,
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -1,4 +1,4 @@
-# Helpers every rule file uses: the checked config, path patterns, input functions, targets.
+# Shared helpers: the checked config, path patterns, input functions and targets.
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -19,15 +19,6 @@ def P(pattern, **values):
 
 def LOG(rule, name):
     return P(paths.LOG, rule=rule, name=name)
-
-
-wildcard_constraints:
-    model=r"[A-Za-z][A-Za-z0-9_-]*",
-    device=r"[A-Za-z][A-Za-z0-9_-]*",
-    dataset=r"[A-Za-z][A-Za-z0-9_-]*",
-    opset=r"\d+",
-    split=r"calib|val",
-    precision=r"fp32|fp16|bf16|int8|fp8",
 
 
 def dataset_of(model, split):

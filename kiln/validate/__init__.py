@@ -107,7 +107,7 @@ def validate(
         feeds = inputs.feeds(spec, 0, bs) if bs <= len(inputs) else _tile(inputs.feeds(spec, 0, 1), bs)
         log.info("validate %s/%s/%s: latency at batch %d", device, model, precision, bs)
         stats = latency.measure(
-            lambda: runner.infer(feeds), bs, L["warmup_ms"], L["min_iterations"], L["min_seconds"], L["cv_warn_percent"]
+            lambda feeds=feeds: runner.infer(feeds), bs, L["warmup_ms"], L["min_iterations"], L["min_seconds"], L["cv_warn_percent"]
         )
         if stats.warning:
             log.warning("batch %d: %s", bs, stats.warning)
