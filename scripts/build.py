@@ -1,4 +1,5 @@
 """Rule build: one engine on its device's backend (kiln.build)."""
+import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.build import build_engine
 from kiln.entry import script
 

@@ -1,4 +1,5 @@
 """Rule dataset: write one split of a dataset (kiln.dataset)."""
+import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.dataset import prepare
 from kiln.entry import script
 

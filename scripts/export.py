@@ -1,4 +1,5 @@
 """Rule export: checkpoint to ONNX at one opset (kiln.export)."""
+import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
 from kiln.export import export_onnx
 

@@ -1,4 +1,5 @@
 """Rule inputs: preprocess a split for one model (kiln.inputs)."""
+import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
 from kiln.inputs import preprocess_split
 

@@ -1,4 +1,5 @@
 """Rule precision: fp32 copy, fp16/bf16 by ModelOpt AutoCast (kiln.precision)."""
+import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
 from kiln.precision import variant_for_rule
 

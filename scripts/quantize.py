@@ -1,4 +1,5 @@
 """Rule quantize: int8/fp8 explicit Q/DQ by ModelOpt PTQ on the calibration split (kiln.precision)."""
+import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
 from kiln.precision import variant_for_rule
 

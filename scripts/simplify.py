@@ -1,4 +1,5 @@
 """Rule simplify: onnxsim with pass-through on failure (kiln.simplify)."""
+import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
 from kiln.simplify import simplify
 

@@ -1,4 +1,5 @@
 """Rule summary: the run's table as JSON, CSV and Markdown (kiln.summary)."""
+import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
 from kiln.summary import write_summary
 

@@ -1,4 +1,5 @@
 """Rule surgery: onnx-graphsurgeon passes (kiln.surgery)."""
+import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
 from kiln.surgery import run_passes
 

@@ -1,4 +1,5 @@
 """Rule validate: parity, mAP and latency of one engine on its device (kiln.validate)."""
+import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
 from kiln.validate import validate
 

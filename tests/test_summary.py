@@ -1,0 +1,94 @@
+"""Summary rows from validation records, and devices this host cannot run."""
+
+from __future__ import annotations
+
+import csv
+
+from kiln import paths, summary
+from kiln.cli import main as cli_main
+from kiln.config import load
+from kiln.util import write_json
+from kiln.workflow import runnable, validation_targets
+
+
+def _cfg(config_dict, tmp_path):
+    config_dict["results"] = str(tmp_path / "results")
+    config_dict["devices"]["gpu"] = {"backend": "onnxruntime", "providers": ["CUDAExecutionProvider"],
+                                     "precisions": ["fp16"], "models": ["yolo_demo"]}
+    return load(config_dict, check_paths=False)
+
+
+def _validation(status, reason=None, cosine=0.9999, map50=0.9):
+    return {
+        "status": status, "reason": reason, "build": {"engine_bytes": 1234},
+        "parity": {"outputs": {"output0": {"cosine": cosine, "max_abs": 0.01}}},
+        "accuracy": {"map50_95": 0.7, "map50": map50, "map_drop": 0.001, "map50_drop": 0.002},
+        "latency": [{"batch_size": 1, "mean_ms": 2.0, "median_ms": 1.9, "p99_ms": 3.0, "cv_percent": 1.0,
+                     "throughput_ips": 500.0}],
+    }
+
+
+def test_device_without_its_provider_is_not_run_here(config_dict, tmp_path):
+    cfg = _cfg(config_dict, tmp_path)
+    reasons = runnable(cfg)
+    assert reasons["cpu"] is None
+    assert "lacks CUDAExecutionProvider" in reasons["gpu"]
+    targets = validation_targets(cfg, reasons)
+    assert len(targets) == 6 and not any("/gpu/" in t for t in targets)
+
+
+def test_rows_carry_status_numbers_and_reasons(config_dict, tmp_path):
+    cfg = _cfg(config_dict, tmp_path)
+    for dev, model, prec in cfg.jobs():
+        if dev == "cpu":
+            v = _validation("failed", "map50 drop 0.0600 > 0.05") if prec == "int8" else _validation("passed")
+            write_json(paths.fmt(paths.VALIDATION, results=cfg.results, device=dev, model=model, precision=prec), v)
+    out = tmp_path / "results" / "report"
+    table = summary.write_summary(cfg, out / "s.json", out / "s.csv", out / "s.md",
+                                  not_here={"gpu": "ONNX Runtime here lacks CUDAExecutionProvider"})
+    assert len(table) == 7
+    by = {(r["device"], r["model"], r["precision"]): r for r in table}
+    assert by[("cpu", "yolo_demo", "fp32")]["status"] == "passed"
+    assert by[("cpu", "yolo_demo", "fp32")]["latency_median_ms"] == 1.9
+    assert by[("cpu", "yolo_demo", "int8")]["reason"] == "map50 drop 0.0600 > 0.05"
+    gpu = by[("gpu", "yolo_demo", "fp16")]
+    assert gpu["status"] == "not run" and gpu["reason"].startswith("not run on this host: ONNX Runtime here lacks")
+    assert gpu["map50"] is None
+    md = (out / "s.md").read_text()
+    assert "4 of 7 rows passed." in md
+    rows = list(csv.DictReader((out / "s.csv").open()))
+    assert len(rows) == 7 and rows[0]["latency_median_ms"] == "1.9000"
+
+
+def test_failed_build_is_reported_with_reason(config_dict, tmp_path):
+    cfg = _cfg(config_dict, tmp_path)
+    for dev, model, prec in cfg.jobs():
+        if dev == "cpu":
+            v = {"status": "failed", "reason": "build failed: ONNX Runtime could not load", "build": {}}
+            write_json(paths.fmt(paths.VALIDATION, results=cfg.results, device=dev, model=model, precision=prec), v)
+    rows = summary.rows(cfg, {"cpu": None, "gpu": "no GPU"})
+    assert rows[0]["status"] == "failed" and rows[0]["reason"].startswith("build failed")
+
+
+def test_kiln_check_lists_jobs_and_refuses_bad_config(tmp_path, capsys, config_dict):
+    import yaml
+
+    config_dict["devices"]["cpu"]["precisions"] = ["fp32"]
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(config_dict))
+    (tmp_path / "models").mkdir()
+    for name in ("demo_yolo.pt", "demo_rtdetr.pt"):
+        (tmp_path / "models" / name).write_bytes(b"")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert cli_main(["check", str(good)]) == 0
+        assert "2 jobs" in capsys.readouterr().out
+        config_dict["devices"]["cpu"]["opset"] = 99
+        good.write_text(yaml.safe_dump(config_dict))
+        assert cli_main(["check", str(good)]) == 1
+        assert "'devices.cpu.opset': 99 is greater than the maximum of 20" in capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
