@@ -21,7 +21,9 @@ COLUMNS = [
 ]
 
 
-def _row(cfg: KilnConfig, device: str, model: str, precision: str, not_here: str | None) -> dict:
+def _row(
+    cfg: KilnConfig, device: str, model: str, precision: str, no_build: str | None, no_run: str | None
+) -> dict:
     d = cfg.devices[device]
     R = cfg.results
     row = dict.fromkeys(COLUMNS)
@@ -34,8 +36,16 @@ def _row(cfg: KilnConfig, device: str, model: str, precision: str, not_here: str
     onnx = Path(paths.fmt(paths.VARIANT, results=R, model=model, opset=d.opset, precision=src))
     if onnx.is_file():
         row["onnx_bytes"] = onnx.stat().st_size
-    if not_here:
-        row.update(status="not run", reason=f"not run on this host: {not_here}")
+    if no_build:
+        row.update(status="not run", reason=f"not run on this host: {no_build}")
+        return row
+    if no_run:
+        # Built ahead of time here; validation needs the device itself.
+        e = read_json(paths.fmt(paths.ENGINE_RECORD, results=R, device=device, model=model, precision=precision))
+        if e["status"] == "built":
+            row.update(status="built", reason=f"not validated on this host: {no_run}", engine_bytes=e["engine_bytes"])
+        else:
+            row.update(status="failed", reason=f"build failed: {e.get('reason')}")
         return row
     v = read_json(paths.fmt(paths.VALIDATION, results=R, device=device, model=model, precision=precision))
     row.update(status=v["status"], reason=v.get("reason"), engine_bytes=v["build"].get("engine_bytes"))
@@ -55,11 +65,9 @@ def _row(cfg: KilnConfig, device: str, model: str, precision: str, not_here: str
     return row
 
 
-def rows(cfg: KilnConfig, reasons: dict[str, str | None] | None = None) -> list[dict]:
-    from kiln.workflow import runnable
-
-    reasons = runnable(cfg) if reasons is None else reasons
-    return [_row(cfg, dev, m, p, reasons.get(dev)) for dev, m, p in cfg.jobs()]
+def rows(cfg: KilnConfig, cannot_build: dict[str, str], cannot_run: dict[str, str]) -> list[dict]:
+    """One row per job; the dicts map devices this host cannot build or run to the reason."""
+    return [_row(cfg, dev, m, p, cannot_build.get(dev), cannot_run.get(dev)) for dev, m, p in cfg.jobs()]
 
 
 def _fmt(value) -> str:
@@ -82,10 +90,15 @@ def to_markdown(table: list[dict]) -> str:
 
 
 def write_summary(
-    cfg: KilnConfig, out_json: Path, out_csv: Path, out_md: Path, not_here: dict[str, str] | None = None
+    cfg: KilnConfig,
+    out_json: Path,
+    out_csv: Path,
+    out_md: Path,
+    cannot_build: dict[str, str] | None = None,
+    cannot_run: dict[str, str] | None = None,
 ) -> list[dict]:
-    """Write the three summary files; `not_here` maps devices this host cannot run to the reason."""
-    table = rows(cfg, {d: (not_here or {}).get(d) for d in cfg.devices})
+    """Write the three summary files."""
+    table = rows(cfg, cannot_build or {}, cannot_run or {})
     write_json(out_json, {"rows": table, "columns": COLUMNS})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")

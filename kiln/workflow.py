@@ -21,14 +21,28 @@ def load_or_exit(config: dict, config_files: list[str]) -> KilnConfig:
 
 
 def runnable(cfg: KilnConfig) -> dict[str, str | None]:
-    """Device -> reason this host cannot run it (None: it can)."""
+    """Device -> reason this host cannot run (validate) its engines (None: it can)."""
     return {name: backends.get(d.backend).check_host(d) for name, d in cfg.devices.items()}
 
 
-def validation_targets(cfg: KilnConfig, reasons: dict[str, str | None]) -> list[str]:
-    """Validation files of every job whose device this host can run."""
+def buildable(cfg: KilnConfig) -> dict[str, str | None]:
+    """Device -> reason this host cannot build its engines (None: it can)."""
+    return {name: backends.get(d.backend).check_build_host(d) for name, d in cfg.devices.items()}
+
+
+def validation_targets(cfg: KilnConfig, run: dict[str, str | None], build: dict[str, str | None]) -> list[str]:
+    """Validation files of every job whose device this host can build and run."""
     return [
         paths.fmt(paths.VALIDATION, results=cfg.results, device=dev, model=m, precision=p)
         for dev, m, p in cfg.jobs()
-        if reasons[dev] is None
+        if run[dev] is None and build[dev] is None
+    ]
+
+
+def build_only_targets(cfg: KilnConfig, run: dict[str, str | None], build: dict[str, str | None]) -> list[str]:
+    """Engine records of jobs this host can build but not run (ahead-of-time builds)."""
+    return [
+        paths.fmt(paths.ENGINE_RECORD, results=cfg.results, device=dev, model=m, precision=p)
+        for dev, m, p in cfg.jobs()
+        if build[dev] is None and run[dev] is not None
     ]

@@ -9,7 +9,9 @@ from kiln import inputs as kiln_inputs, precision as kiln_precision, reference a
 from kiln import simplify as kiln_simplify, surgery as kiln_surgery, validate as kiln_validate
 
 KILN = kiln_workflow.load_or_exit(config, workflow.configfiles)
-HOST = kiln_workflow.runnable(KILN)
+# What this host can do per device: build engines, and run them (validate).
+CAN_BUILD = kiln_workflow.buildable(KILN)
+CAN_RUN = kiln_workflow.runnable(KILN)
 
 
 def P(pattern, **values):

@@ -3,7 +3,8 @@
 
 rule summary:
     input:
-        validations=kiln_workflow.validation_targets(KILN, HOST),
+        validations=kiln_workflow.validation_targets(KILN, CAN_RUN, CAN_BUILD),
+        built_only=kiln_workflow.build_only_targets(KILN, CAN_RUN, CAN_BUILD),
     output:
         json=P(paths.SUMMARY_JSON),
         csv=P(paths.SUMMARY_CSV),
@@ -11,7 +12,8 @@ rule summary:
     log:
         LOG("summary", "summary"),
     params:
-        not_here={d: r for d, r in HOST.items() if r},
+        cannot_build={d: r for d, r in CAN_BUILD.items() if r},
+        cannot_run={d: r for d, r in CAN_RUN.items() if r},
     conda:
         "../envs/kiln.yaml"
     script:

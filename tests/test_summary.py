@@ -8,7 +8,7 @@ from kiln import paths, summary
 from kiln.cli import main as cli_main
 from kiln.config import load
 from kiln.util import write_json
-from kiln.workflow import runnable, validation_targets
+from kiln.workflow import buildable, runnable, validation_targets
 
 
 def _cfg(config_dict, tmp_path):
@@ -33,7 +33,7 @@ def test_device_without_its_provider_is_not_run_here(config_dict, tmp_path):
     reasons = runnable(cfg)
     assert reasons["cpu"] is None
     assert "lacks CUDAExecutionProvider" in reasons["gpu"]
-    targets = validation_targets(cfg, reasons)
+    targets = validation_targets(cfg, reasons, buildable(cfg))
     assert len(targets) == 6 and not any("/gpu/" in t for t in targets)
 
 
@@ -45,7 +45,8 @@ def test_rows_carry_status_numbers_and_reasons(config_dict, tmp_path):
             write_json(paths.fmt(paths.VALIDATION, results=cfg.results, device=dev, model=model, precision=prec), v)
     out = tmp_path / "results" / "report"
     table = summary.write_summary(cfg, out / "s.json", out / "s.csv", out / "s.md",
-                                  not_here={"gpu": "ONNX Runtime here lacks CUDAExecutionProvider"})
+                                  cannot_build={"gpu": "ONNX Runtime here lacks CUDAExecutionProvider"},
+                                  cannot_run={"gpu": "ONNX Runtime here lacks CUDAExecutionProvider"})
     assert len(table) == 7
     by = {(r["device"], r["model"], r["precision"]): r for r in table}
     assert by[("cpu", "yolo_demo", "fp32")]["status"] == "passed"
@@ -66,7 +67,7 @@ def test_failed_build_is_reported_with_reason(config_dict, tmp_path):
         if dev == "cpu":
             v = {"status": "failed", "reason": "build failed: ONNX Runtime could not load", "build": {}}
             write_json(paths.fmt(paths.VALIDATION, results=cfg.results, device=dev, model=model, precision=prec), v)
-    rows = summary.rows(cfg, {"cpu": None, "gpu": "no GPU"})
+    rows = summary.rows(cfg, {"gpu": "no GPU"}, {"gpu": "no GPU"})
     assert rows[0]["status"] == "failed" and rows[0]["reason"].startswith("build failed")
 
 

@@ -79,6 +79,11 @@ def check_host(device) -> str | None:
     return None
 
 
+def check_build_host(device) -> str | None:
+    """ONNX Runtime builds where it runs: the optimized model is provider-specific."""
+    return check_host(device)
+
+
 def source_precision(precision: str) -> str:
     """ONNX Runtime runs the precision-variant ONNX itself (AutoCast fp16, Q/DQ int8)."""
     return precision
