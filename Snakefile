@@ -20,7 +20,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z][A-Za-z0-9_-]*",
     opset=r"\d+",
     split=r"calib|val",
-    precision=r"fp32|fp16|bf16|int8|fp8",
+    precision=r"fp32|fp16|bf16|int8|fp8|best",
 
 
 include: "rules/data.smk"

@@ -12,7 +12,8 @@ import yaml
 from kiln.errors import KilnError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+# "best" is TensorRT < 11's builder mode (all precision flags on the fp32 ONNX), not an ONNX variant.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "best")
 NAME_HINT = "use letters, digits, '_' and '-', starting with a letter (names become file paths)"
 
 
@@ -58,6 +59,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DeviceProfile:
+    """A target device: its backend and everything that shapes its engines."""
+
     name: str
     backend: str
     opset: int
@@ -66,6 +69,19 @@ class DeviceProfile:
     threads: int
     batch_sizes: tuple[int, ...]
     models: tuple[str, ...]
+    compute_capability: str | None = None
+    tensorrt_min: str | None = None
+    tensorrt_max: str | None = None
+    jetson: bool = False
+    workspace_mb: int | None = None
+    builder_optimization_level: int = 3
+    hardware_compatibility: str = "none"
+    version_compatible: bool = False
+    tf32: bool = True
+    int8_mode: str = "qdq"
+    dla_core: int | None = None
+    profiles: tuple = ()
+    cluster: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,9 +100,14 @@ class KilnConfig:
         return sorted({d.opset for d in self.devices.values() if model in d.models})
 
     def precisions(self, model: str, opset: int) -> list[str]:
-        """Precision variants needed of this model at this opset, over every device."""
+        """Precision-variant ONNX files needed of this model at this opset, over every device."""
+        from kiln import backends
+
         wanted = {
-            p for d in self.devices.values() if model in d.models and d.opset == opset for p in d.precisions
+            backends.get(d.backend).source_precision(p, d)
+            for d in self.devices.values()
+            if model in d.models and d.opset == opset
+            for p in d.precisions
         }
         return [p for p in PRECISIONS if p in wanted]
 
@@ -284,6 +305,19 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
             threads=d["threads"],
             batch_sizes=tuple(d["batch_sizes"]),
             models=tuple(d.get("models") or models),
+            compute_capability=d.get("compute_capability"),
+            tensorrt_min=d.get("tensorrt", {}).get("min"),
+            tensorrt_max=d.get("tensorrt", {}).get("max") or d.get("tensorrt", {}).get("min"),
+            jetson=d["jetson"],
+            workspace_mb=d.get("workspace_mb"),
+            builder_optimization_level=d["builder_optimization_level"],
+            hardware_compatibility=d["hardware_compatibility"],
+            version_compatible=d["version_compatible"],
+            tf32=d["tf32"],
+            int8_mode=d["int8_mode"],
+            dla_core=d.get("dla_core"),
+            profiles=tuple(d.get("profiles") or ()),
+            cluster=dict(d["cluster"]),
         )
         backend = backends.get(device.backend)
         for problem in backend.check_device(device):

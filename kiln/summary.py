@@ -32,7 +32,7 @@ def _row(
     if simp.is_file():
         s = read_json(simp)
         row["simplify"] = s["status"] + (f" ({s['reason']})" if s.get("reason") else "")
-    src = backends.get(d.backend).source_precision(precision)
+    src = backends.get(d.backend).source_precision(precision, d)
     onnx = Path(paths.fmt(paths.VARIANT, results=R, model=model, opset=d.opset, precision=src))
     if onnx.is_file():
         row["onnx_bytes"] = onnx.stat().st_size

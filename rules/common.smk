@@ -30,7 +30,7 @@ def dataset_of(model, split):
 def engine_source(w):
     """The precision-variant ONNX a device's backend builds this engine from."""
     d = KILN.devices[w.device]
-    src = kiln_workflow.backends.get(d.backend).source_precision(w.precision)
+    src = kiln_workflow.backends.get(d.backend).source_precision(w.precision, d)
     return P(paths.VARIANT, model=w.model, opset=d.opset, precision=src)
 
 

@@ -7,7 +7,7 @@ A backend module defines:
   check_device(device) -> list[str]         config-time problems (precision, opset), as fixes
   check_build_host(device) -> str | None    why this host cannot build the device's engines, or None
   check_host(device) -> str | None          why this host cannot run them (validate), or None
-  source_precision(precision) -> str        which precision-variant ONNX the engine is built from
+  source_precision(precision, device) -> str  which precision-variant ONNX the engine is built from
   build(onnx_path, engine_path, device, precision, threads) -> dict   engine metadata
   load_runner(engine_path, device, threads) -> Runner                 see kiln.backends.base
 

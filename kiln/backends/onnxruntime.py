@@ -84,7 +84,7 @@ def check_build_host(device) -> str | None:
     return check_host(device)
 
 
-def source_precision(precision: str) -> str:
+def source_precision(precision: str, device=None) -> str:
     """ONNX Runtime runs the precision-variant ONNX itself (AutoCast fp16, Q/DQ int8)."""
     return precision
 
