@@ -17,10 +17,14 @@ log = logging.getLogger(__name__)
 
 def params(cfg: KilnConfig, model: str) -> dict:
     """Everything in the config that changes the exported bytes (tracked by Snakemake)."""
+    from kiln.fingerprint import file_fingerprint
+
     m = cfg.models[model]
     return {
         "source": m.source,
         "factory": m.factory,
+        # The model's own code: editing the factory's module re-exports.
+        "factory_code": file_fingerprint(m.factory.partition(":")[0]) if m.factory else None,
         "factory_args": m.factory_args,
         "layout": m.layout,
         "input_size": list(m.input_size),

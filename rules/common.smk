@@ -3,7 +3,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from kiln import paths, workflow as kiln_workflow
+from kiln import fingerprint as kiln_fingerprint, paths, workflow as kiln_workflow
 from kiln import build as kiln_build, dataset as kiln_dataset, export as kiln_export
 from kiln import inputs as kiln_inputs, precision as kiln_precision, reference as kiln_reference
 from kiln import simplify as kiln_simplify, surgery as kiln_surgery, validate as kiln_validate
@@ -21,6 +21,18 @@ def P(pattern, **values):
 
 def LOG(rule, name):
     return P(paths.LOG, rule=rule, name=name)
+
+
+def code(stage):
+    """Tracked param: fingerprint of a stage module and the kiln code it imports."""
+    return kiln_fingerprint.code_fingerprint(stage)
+
+
+def device_code(stage):
+    """Like code(), plus the device's backend module (imported by name, so not seen statically)."""
+    return lambda w: kiln_fingerprint.code_fingerprint(
+        stage, kiln_workflow.backends.BACKENDS[KILN.devices[w.device].backend]
+    )
 
 
 def dataset_of(model, split):

@@ -8,6 +8,7 @@ rule dataset:
         LOG("dataset", "{dataset}_{split}"),
     params:
         spec=lambda w: kiln_dataset.params(KILN, w.dataset, w.split),
+        code=code("kiln.dataset"),
     conda:
         "../envs/kiln.yaml"
     script:
@@ -23,6 +24,7 @@ rule inputs:
         LOG("inputs", "{model}_{split}"),
     params:
         spec=lambda w: kiln_inputs.params(KILN, w.model, w.split),
+        code=code("kiln.inputs"),
     conda:
         "../envs/kiln.yaml"
     script:

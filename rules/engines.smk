@@ -13,6 +13,7 @@ rule reference:
         LOG("reference", "{model}_opset{opset}"),
     params:
         spec=lambda w: kiln_reference.params(KILN, w.model),
+        code=code("kiln.reference"),
     threads: 2
     conda:
         "../envs/kiln.yaml"
@@ -29,6 +30,7 @@ rule build:
         LOG("build", "{device}_{model}_{precision}"),
     params:
         spec=lambda w: kiln_build.params(KILN, w.device),
+        code=device_code("kiln.build"),
     threads: 2
     conda:
         "../envs/kiln.yaml"
@@ -49,6 +51,7 @@ rule validate:
         LOG("validate", "{device}_{model}_{precision}"),
     params:
         spec=lambda w: kiln_validate.params(KILN, w.device, w.model, w.precision),
+        code=device_code("kiln.validate"),
     # Latency is measured with the host to itself: ask for every core Snakemake has.
     threads: lambda w: KILN.devices[w.device].threads or 1024
     conda:

@@ -10,6 +10,7 @@ rule export:
         LOG("export", "{model}_opset{opset}"),
     params:
         spec=lambda w: kiln_export.params(KILN, w.model),
+        code=code("kiln.export"),
     conda:
         "../envs/kiln.yaml"
     script:
@@ -26,6 +27,7 @@ rule simplify:
         LOG("simplify", "{model}_opset{opset}"),
     params:
         spec=lambda w: kiln_simplify.params(KILN, w.model),
+        code=code("kiln.simplify"),
     conda:
         "../envs/kiln.yaml"
     script:
@@ -42,6 +44,7 @@ rule surgery:
         LOG("surgery", "{model}_opset{opset}"),
     params:
         spec=lambda w: kiln_surgery.params(KILN, w.model),
+        code=code("kiln.surgery"),
     conda:
         "../envs/kiln.yaml"
     script:

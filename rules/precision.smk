@@ -11,6 +11,7 @@ rule precision:
         LOG("precision", "{model}_opset{opset}_{precision}"),
     params:
         spec=lambda w: kiln_precision.params(KILN, w.model, w.precision),
+        code=code("kiln.precision"),
     wildcard_constraints:
         precision="fp32|fp16|bf16",
     conda:
@@ -31,6 +32,7 @@ rule quantize:
         LOG("quantize", "{model}_opset{opset}_{precision}"),
     params:
         spec=lambda w: kiln_precision.params(KILN, w.model, w.precision),
+        code=code("kiln.precision"),
     wildcard_constraints:
         precision="int8|fp8",
     conda:

@@ -14,6 +14,7 @@ rule summary:
     params:
         cannot_build={d: r for d, r in CAN_BUILD.items() if r},
         cannot_run={d: r for d, r in CAN_RUN.items() if r},
+        code=code("kiln.summary"),
     conda:
         "../envs/kiln.yaml"
     script:

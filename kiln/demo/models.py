@@ -291,13 +291,16 @@ def sine_pos_embed(h: int, w: int, dim: int, like: torch.Tensor, temperature: fl
 class RTDETRDemo(nn.Module):
     """RT-DETR-style detector: CNN, transformer encoder, query selection, light decoder.
 
-    Tokens are the stride-16 and stride-32 feature cells.  Each encoder token predicts
-    class logits and a box relative to its anchor (RT-DETR's encoder head); the top
-    ``num_queries`` tokens become decoder queries, ``num_decoder_layers`` refine them, and
-    the RT-DETR postprocessor turns them into ``num_top_queries`` detections.
+    As in RT-DETR's hybrid encoder, attention runs only over the coarse tokens (here
+    stride 16 and 32, where it is cheap), and a convolutional top-down path carries
+    that context down to stride 8.  All stride-8/16/32 cells are then tokens: each
+    predicts class logits and a box relative to its anchor (RT-DETR's encoder head);
+    the top ``num_queries`` tokens become decoder queries, ``num_decoder_layers``
+    refine them, and the RT-DETR postprocessor turns them into ``num_top_queries``
+    detections.
     """
 
-    token_strides: tuple[int, ...] = (16, 32)
+    token_strides: tuple[int, ...] = (8, 16, 32)
 
     def __init__(
         self,
@@ -316,12 +319,15 @@ class RTDETRDemo(nn.Module):
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.num_top_queries = num_top_queries
+        self.hidden_dim = hidden_dim
         self.backbone = Backbone(width)
         c3, c4, c5 = self.backbone.channels
+        self.proj3 = ConvBNAct(c3, hidden_dim, 1)
         self.proj4 = ConvBNAct(c4, hidden_dim, 1)
         self.proj5 = ConvBNAct(c5, hidden_dim, 1)
         self.level_embed = nn.Parameter(torch.zeros(len(self.token_strides), hidden_dim))
         self.encoder = EncoderLayer(hidden_dim, heads, ffn_dim)
+        self.fuse3 = ConvBNAct(hidden_dim, hidden_dim, 3)
         # Encoder output projection + heads (RT-DETR: enc_output, enc_score_head, enc_bbox_head).
         self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
         self.enc_score_head = nn.Linear(hidden_dim, num_classes)
@@ -340,37 +346,41 @@ class RTDETRDemo(nn.Module):
             nn.init.zeros_(mlp.layers[-1].weight)
             nn.init.zeros_(mlp.layers[-1].bias)
 
-    def _anchors(self, shapes: list[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _anchors(shapes: list[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
         """Per-token anchors (1, N, 4) as inverse-sigmoid normalised cxcywh."""
         out = []
         for lvl, (h, w) in enumerate(shapes):
             ys = (torch.arange(h, dtype=like.dtype, device=like.device) + 0.5) / h
             xs = (torch.arange(w, dtype=like.dtype, device=like.device) + 0.5) / w
             yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-            # A fixed fraction of the image as in RT-DETR (0.05 * 2^level counting from
-            # stride 8): 0.1 (~26 px at 256) for stride 16, 0.2 for stride 32.
-            wh = torch.full_like(xx, 0.05 * 2.0 ** (lvl + 1))
+            # RT-DETR's anchor size: a fixed fraction of the image, 0.05 * 2^level.
+            wh = torch.full_like(xx, 0.05 * 2.0**lvl)
             out.append(torch.stack((xx, yy, wh, wh), -1).reshape(-1, 4))
         return inverse_sigmoid(torch.cat(out)).unsqueeze(0)
 
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Backbone + encoder + per-token heads (shared by deploy and training views)."""
-        _, c4, c5 = self.backbone(images)
-        f4 = self.proj4(c4)
-        f5 = self.proj5(c5)
+        """Backbone + hybrid encoder + per-token heads (shared by deploy and training views)."""
+        c3, c4, c5 = self.backbone(images)
+        f3, f4, f5 = self.proj3(c3), self.proj4(c4), self.proj5(c5)
         # Cheap top-down fusion so stride-16 tokens also see stride-32 context.
         f4 = f4 + F.interpolate(f5, scale_factor=2.0, mode="nearest")
-        tokens, pos, shapes = [], [], []
-        for lvl, f in enumerate((f4, f5)):
-            h, w = f.shape[-2], f.shape[-1]
-            shapes.append((h, w))
-            tokens.append(f.flatten(2).transpose(1, 2))
-            pos.append(sine_pos_embed(h, w, f.shape[1], f) + self.level_embed[lvl])
-        x = torch.cat(tokens, 1)
+        d = self.hidden_dim
+        (h3, w3), (h4, w4), (h5, w5) = (tuple(f.shape[-2:]) for f in (f3, f4, f5))
+        pos = [
+            sine_pos_embed(h, w, d, f) + self.level_embed[lvl]
+            for lvl, (f, h, w) in enumerate(((f3, h3, w3), (f4, h4, w4), (f5, h5, w5)))
+        ]
+        # Self-attention over the stride-16/32 tokens (AIFI-like; LayerNorm lives here).
+        coarse = torch.cat((f4.flatten(2), f5.flatten(2)), 2).transpose(1, 2)
+        coarse = self.encoder(coarse, torch.cat(pos[1:], 1))
+        m4 = coarse[:, : h4 * w4].transpose(1, 2).reshape(-1, d, h4, w4)
+        # Carry the attended context down to stride 8 (RT-DETR's CCFF, reduced to one conv).
+        f3 = self.fuse3(f3 + F.interpolate(m4, scale_factor=2.0, mode="nearest"))
+        memory = torch.cat((f3.flatten(2).transpose(1, 2), coarse), 1)
         p = torch.cat(pos, 1)
-        memory = self.encoder(x, p)
         out_memory = self.enc_output(memory)
-        anchors = self._anchors(shapes, images)
+        anchors = self._anchors([(h3, w3), (h4, w4), (h5, w5)], images)
         enc_logits = self.enc_score_head(out_memory)
         enc_boxes_unact = self.enc_bbox_head(out_memory) + anchors
         return {

@@ -1,0 +1,859 @@
+"""What the TensorRT and TensorRT-RTX backends share, written once.
+
+Both backends parse an ONNX file into a TensorRT network, configure a builder, serialize the
+plan and describe it; they differ in which Python module they drive (``tensorrt`` or
+``tensorrt_rtx``), whether precision comes from builder flags (TensorRT < 11) or from the
+variant ONNX alone (strongly typed), and where an engine may be built and run. Everything
+here takes a *flavor*, ``"tensorrt"`` or ``"tensorrt-rtx"``, and a TensorRT module passed as
+``trt`` so that one code path serves both.
+
+The build goes through Polygraphy (``create_network``, ``CreateConfig`` /
+``CreateConfigRTX``, ``PostprocessConfig``, ``engine_bytes_from_network``). Polygraphy picks
+its TensorRT module once per process from ``POLYGRAPHY_USE_TENSORRT_RTX``;
+:func:`polygraphy_trt` binds it to the flavor asked for (see there). The engine file is the
+serialized plan exactly as the builder returned it: no header or metadata is prepended, so
+``trtexec --loadEngine``, Polygraphy and any TensorRT runtime read it as it is. What Kiln knows
+about the build goes into the returned metadata and ``layers.json`` instead.
+
+Host description (:func:`detect_host`) and the device guard (:func:`guard`) never need a GPU:
+without one they report "no GPU" rather than fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+from kiln.errors import KilnError
+
+log = logging.getLogger(__name__)
+
+FLAVORS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+LABELS = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
+BUILDING_ON_DEVICES = "README: Building on devices"
+
+# The schema's default for validation.batch_size (schemas/config.schema.yaml). The caller should
+# pass the configured value (extra key validation_batch_size); this is only the fallback.
+DEFAULT_VALIDATION_BATCH = 8
+
+# Config value of devices.<d>.hardware_compatibility -> trt.HardwareCompatibilityLevel member.
+HARDWARE_COMPATIBILITY = {
+    "none": "NONE",
+    "ampere_plus": "AMPERE_PLUS",
+    "same_compute_capability": "SAME_COMPUTE_CAPABILITY",
+}
+
+# Highest ONNX opset each TensorRT release's ONNX parser documents, keyed by the first version
+# that documented it (a version uses the entry of the largest key <= itself). Sources: the
+# onnx-tensorrt docs/operators.md of each release branch ("TensorRT 8.5/8.6 supports operators up
+# to Opset 17", "TensorRT 10.0 ... opset 9 to opset 20", "TensorRT 10.15 ... opset 9 to opset 24")
+# and the TensorRT 11.x ONNX Opset Guide ("Maximum opset 25"). Releases between 10.0 and 10.15 are
+# held to 20, the last value documented for them.
+PARSER_MAX_OPSET: dict[tuple[int, int], int] = {(8, 5): 17, (8, 6): 17, (10, 0): 20, (10, 15): 24, (11, 0): 25}
+
+
+# --------------------------------------------------------------------------------------------------
+# Versions and modules
+
+
+def parse_version(text: str | None) -> tuple[int, ...]:
+    """'10.13.0.35' -> (10, 13, 0, 35); '' or None -> ()."""
+    return tuple(int(p) for p in re.findall(r"\d+", str(text or "")))
+
+
+def major_minor(text: str | None) -> tuple[int, int] | None:
+    """'10.13.0.35' -> (10, 13); None when the text holds no version."""
+    v = parse_version(text)
+    if not v:
+        return None
+    return (v[0], v[1] if len(v) > 1 else 0)
+
+
+def mm_str(v: tuple[int, int] | None) -> str:
+    return f"{v[0]}.{v[1]}" if v else "?"
+
+
+def parser_max_opset(tensorrt_version: str | tuple[int, int]) -> int | None:
+    """Highest opset the ONNX parser of this TensorRT major.minor documents (None before 8.5)."""
+    v = major_minor(tensorrt_version) if isinstance(tensorrt_version, str) else tensorrt_version
+    known = [k for k in PARSER_MAX_OPSET if v is not None and k <= v]
+    return PARSER_MAX_OPSET[max(known)] if known else None
+
+
+def import_trt(flavor: str) -> ModuleType | None:
+    """The real ``tensorrt`` / ``tensorrt_rtx`` module of this host, or None.
+
+    A bare ``import tensorrt`` is not proof: the ``tensorrt-stubs`` package installs only .pyi
+    files under ``tensorrt/``, which Python then imports as an empty namespace package. Such a
+    module has no ``Builder`` and is not TensorRT (and it breaks ModelOpt's int8/fp8
+    quantization, which trusts the import: keep those stubs out of the environment).
+    """
+    try:
+        mod = importlib.import_module(FLAVORS[flavor])
+    except Exception:  # ImportError, or OSError when its shared libraries cannot be loaded
+        return None
+    if not (hasattr(mod, "Builder") and hasattr(mod, "__version__")):
+        return None
+    return mod
+
+
+def trt_version(flavor: str) -> str | None:
+    mod = import_trt(flavor)
+    return None if mod is None else str(mod.__version__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Polygraphy, bound to one flavor
+
+
+def polygraphy_trt(flavor: str) -> SimpleNamespace:
+    """Polygraphy's TensorRT backend bound to TensorRT (``"tensorrt"``) or TensorRT-RTX.
+
+    Polygraphy decides between ``tensorrt`` and ``tensorrt_rtx`` in ``polygraphy.config`` from
+    ``POLYGRAPHY_USE_TENSORRT_RTX`` when that module is first imported, and every module of it
+    that touches TensorRT keeps a lazy module object, ``trt = lazy_import_trt()``, made when that
+    module is imported (``polygraphy.util`` and ``polygraphy.datatype`` among them, which other
+    libraries such as ModelOpt's AutoCast import early). So setting the variable is not enough
+    once Polygraphy is loaded: we also set ``polygraphy.config.USE_TENSORRT_RTX`` and re-bind
+    each lazy ``trt`` that has not imported its module yet. One that already imported the other
+    flavor cannot be re-bound safely (objects made from it live on): that process must not mix
+    the two, which is a KilnError. Kiln builds each engine in its own job process.
+    """
+    rtx = flavor == "tensorrt-rtx"
+    trt = import_trt(flavor)
+    if trt is None:
+        raise KilnError(f"{LABELS[flavor]} is not installed on this host")
+    os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1" if rtx else "0"
+    from polygraphy import config as pg_config
+    from polygraphy.mod.trt_importer import lazy_import_trt
+
+    pg_config.USE_TENSORRT_RTX = rtx
+    wanted = FLAVORS[flavor]
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("polygraphy") or module is None:
+            continue
+        lazy = vars(module).get("trt")
+        if lazy is None or type(lazy).__name__ != "LazyModule":
+            continue
+        # vars() reads the instance dict directly: getattr would import the module.
+        loaded = vars(lazy).get("module")
+        if loaded is None:
+            setattr(module, "trt", lazy_import_trt())
+        elif loaded.__name__ != wanted:
+            raise KilnError(
+                f"Polygraphy in this process already uses {loaded.__name__}; {LABELS[flavor]} builds "
+                f"must run in a process of their own (one engine job per process)"
+            )
+
+    import polygraphy
+    import polygraphy.backend.trt as pg
+    from polygraphy.backend.trt import util as pg_util
+
+    ns = SimpleNamespace(flavor=flavor, trt=trt, pg=pg, util=pg_util, polygraphy_version=polygraphy.__version__)
+    if rtx:
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        ns.CreateConfigRTX = CreateConfigRTX
+    return ns
+
+
+class _ErrorList(logging.Handler):
+    def __init__(self, sink: list[str]):
+        super().__init__(level=logging.ERROR)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().strip()
+        # Polygraphy prefixes its severity letter; the reason reads better without it.
+        self.sink.append(re.sub(r"^\[[A-Z!]\]\s*", "", text))
+
+
+@contextlib.contextmanager
+def polygraphy_logs() -> Iterator[list[str]]:
+    """Route Polygraphy's (and through it TensorRT's) log into Python logging while in the block.
+
+    Yields a list that collects every ERROR-level line, so that a failed build can say why in
+    its KilnError (Polygraphy itself raises only "Invalid Engine ..."). INFO lines (profiles,
+    flags) land in the job's log through the "Polygraphy" logger.
+    """
+    from polygraphy.logger import G_LOGGER
+
+    errors: list[str] = []
+    handler = _ErrorList(errors)
+    pylog = logging.getLogger("Polygraphy")
+    old = G_LOGGER.use_python_logging_system
+    G_LOGGER.use_python_logging_system = True
+    pylog.addHandler(handler)
+    try:
+        yield errors
+    finally:
+        pylog.removeHandler(handler)
+        G_LOGGER.use_python_logging_system = old
+
+
+# --------------------------------------------------------------------------------------------------
+# The host
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """What this machine offers to build or run engines. Tests pass made-up ones to :func:`guard`."""
+
+    compute_capability: str | None = None  # of the first visible GPU, e.g. "8.9"
+    gpu: str | None = None  # its name
+    gpu_count: int = 0
+    driver: bool = False  # a CUDA driver answered
+    cuda_driver: str | None = None  # CUDA version the driver supports, e.g. "12.4"
+    jetson: bool = False
+    tensorrt: str | None = None
+    tensorrt_rtx: str | None = None
+    probe: str = "none"  # how the GPU was found: cuda.bindings | nvidia-smi | none
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _probe_cuda_bindings() -> dict[str, Any] | None:
+    """Ask the CUDA driver through cuda-python; None when cuda.bindings is not installed."""
+    try:
+        from cuda.bindings import driver as cu
+    except ImportError:
+        return None
+    ok = cu.CUresult.CUDA_SUCCESS
+    try:
+        (err,) = cu.cuInit(0)
+    except Exception:  # cuda-bindings raises (DynamicLibNotFoundError) when libcuda is missing
+        return {"driver": False, "probe": "cuda.bindings"}
+    if err != ok:
+        return {"driver": False, "probe": "cuda.bindings"}
+    info: dict[str, Any] = {"driver": True, "probe": "cuda.bindings"}
+    err, version = cu.cuDriverGetVersion()
+    if err == ok:
+        info["cuda_driver"] = f"{version // 1000}.{(version % 1000) // 10}"
+    err, count = cu.cuDeviceGetCount()
+    if err != ok or count == 0:
+        return info
+    info["gpu_count"] = int(count)
+    err, dev = cu.cuDeviceGet(0)
+    if err != ok:
+        return info
+    attr = cu.CUdevice_attribute
+    err1, major = cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
+    err2, minor = cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
+    if err1 == ok and err2 == ok:
+        info["compute_capability"] = f"{major}.{minor}"
+    err, name = cu.cuDeviceGetName(256, dev)
+    if err == ok:
+        info["gpu"] = bytes(name).split(b"\0", 1)[0].decode(errors="replace").strip()
+    return info
+
+
+def _probe_nvidia_smi() -> dict[str, Any] | None:
+    """Ask nvidia-smi; None when it is not on PATH."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"driver": False, "probe": "nvidia-smi"}
+    if out.returncode != 0:
+        # nvidia-smi without a working driver exits non-zero ("couldn't communicate with the driver").
+        return {"driver": False, "probe": "nvidia-smi"}
+    rows = [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
+    info: dict[str, Any] = {"driver": True, "probe": "nvidia-smi", "gpu_count": len(rows)}
+    if rows:
+        info["gpu"] = rows[0][0]
+        if len(rows[0]) > 1 and re.fullmatch(r"\d+\.\d+", rows[0][1]):
+            info["compute_capability"] = rows[0][1]
+    try:
+        header = subprocess.run([exe], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        header = ""
+    m = re.search(r"CUDA Version:\s*([0-9]+\.[0-9]+)", header)
+    if m:
+        info["cuda_driver"] = m.group(1)
+    return info
+
+
+def _is_jetson() -> bool:
+    # L4T writes /etc/nv_tegra_release; the device tree names the module ("NVIDIA Jetson AGX Orin ...").
+    if Path("/etc/nv_tegra_release").exists():
+        return True
+    try:
+        model = Path("/proc/device-tree/model").read_bytes().decode(errors="replace").lower()
+    except OSError:
+        return False
+    return "jetson" in model
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_gpu() -> dict[str, Any]:
+    # Cached: the Snakefile asks every device's backend, and nvidia-smi costs a subprocess each time.
+    for probe in (_probe_cuda_bindings, _probe_nvidia_smi):
+        try:
+            found = probe()
+        except Exception as err:  # a broken driver install must not stop config loading
+            log.warning("GPU probe %s failed: %s", probe.__name__, err)
+            found = None
+        if found is not None and (found.get("driver") or probe is _probe_nvidia_smi):
+            return found
+    return {}
+
+
+def detect_host() -> HostInfo:
+    """Describe this machine: GPU, CUDA driver, Jetson-ness, installed TensorRT / TensorRT-RTX.
+
+    Tries cuda-python's ``cuda.bindings`` first, then ``nvidia-smi``; with neither (or no
+    driver) the host has "no GPU". Never raises for a missing GPU or driver.
+    """
+    return HostInfo(
+        jetson=_is_jetson(),
+        tensorrt=trt_version("tensorrt"),
+        tensorrt_rtx=trt_version("tensorrt-rtx"),
+        **_probe_gpu(),
+    )
+
+
+def _cc(text: str | None) -> tuple[int, int] | None:
+    return major_minor(text) if text else None
+
+
+def _range_str(lo: str | None, hi: str | None) -> str:
+    lo_v, hi_v = major_minor(lo), major_minor(hi or lo)
+    return mm_str(lo_v) if lo_v == hi_v else f"{mm_str(lo_v)} to {mm_str(hi_v)}"
+
+
+def guard(device, host: HostInfo, runtime: str = "TensorRT") -> str | None:
+    """Why ``host`` is not the device that ``device``'s engines are for, or None when it is.
+
+    Compares the host's GPU compute capability, its ``runtime`` version (TensorRT, or
+    TensorRT-RTX for those devices) major.minor against ``tensorrt.min``..``tensorrt.max``, and
+    Jetson-ness. With ``hardware_compatibility: ampere_plus`` any discrete GPU of compute
+    capability 8.0 or newer will do. The message names what the device needs and what the host
+    has, and the fix.
+    """
+    host_version = host.tensorrt_rtx if runtime == "TensorRT-RTX" else host.tensorrt
+    want_cc, have_cc = _cc(device.compute_capability), _cc(host.compute_capability)
+    ampere_plus = getattr(device, "hardware_compatibility", "none") == "ampere_plus"
+    if want_cc is None:
+        cc_ok = True
+    elif ampere_plus:
+        cc_ok = have_cc is not None and have_cc >= (8, 0)
+    else:
+        cc_ok = have_cc == want_cc
+    lo, hi = major_minor(device.tensorrt_min), major_minor(device.tensorrt_max or device.tensorrt_min)
+    have_v = major_minor(host_version)
+    version_ok = lo is None or (have_v is not None and lo <= have_v <= hi)
+    jetson_ok = bool(host.jetson) == bool(device.jetson)
+    if cc_ok and version_ok and jetson_ok:
+        return None
+
+    needs, has = [], []
+    if want_cc is not None:
+        needs.append("an Ampere or newer GPU (compute capability 8.0+)" if ampere_plus
+                     else f"compute capability {device.compute_capability}")
+        has.append(host.compute_capability or "no GPU")
+    if lo is not None:
+        needs.append(f"{runtime} {_range_str(device.tensorrt_min, device.tensorrt_max)}")
+        has.append(f"{runtime} {mm_str(have_v)}" if have_v else f"no {runtime}")
+    need_text, have_text = " and ".join(needs), " and ".join(has)
+    if not jetson_ok:
+        need_text += " on a Jetson" if device.jetson else " on a discrete GPU"
+        have_text += " on a Jetson" if host.jetson else ("" if have_cc is None else " on a discrete GPU")
+    return (
+        f"engine for device '{device.name}' needs {need_text}; this host has {have_text}: "
+        f"run this job on that device ({BUILDING_ON_DEVICES})"
+    )
+
+
+def timing_cache_key(host: HostInfo, tensorrt_version: str | None = None) -> str:
+    """A file-name-safe key for a timing cache: GPU, compute capability, CUDA and TensorRT versions.
+
+    A timing cache holds kernel timings of one GPU model under one CUDA and TensorRT version;
+    mixing hosts in one file would make the builder trust timings taken elsewhere. The caller
+    puts the key into the cache's file name, e.g. ``timing-{key}.cache`` under a per-device
+    folder, and passes that path as the ``timing_cache`` build option.
+    """
+    parts = [
+        host.gpu or "nogpu",
+        f"sm{(host.compute_capability or '0.0').replace('.', '')}",
+        f"cuda{host.cuda_driver or 'none'}",
+        f"trt{tensorrt_version or host.tensorrt or 'none'}",
+    ]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-")
+
+
+# --------------------------------------------------------------------------------------------------
+# The ONNX side: inputs and optimization profiles
+
+
+def onnx_inputs(onnx_path: Path) -> dict[str, list[int | None]]:
+    """Graph inputs of an ONNX file (initializers excluded): name -> dims, None where dynamic."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in vi.type.tensor_type.shape.dim]
+        out[vi.name] = dims
+    return out
+
+
+def onnx_opset(onnx_path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def default_profile(
+    device, inputs: dict[str, list[int | None]], validation_batch_size: int | None = None, model_spec=None
+) -> dict[str, dict[str, list[int]]]:
+    """One optimization profile for the model's inputs.
+
+    A dynamic batch axis (axis 0) spans 1 .. max(device.batch_sizes + [validation batch size]),
+    optimized for the largest batch the latency measurement times (max(device.batch_sizes)).
+    ``orig_target_sizes`` (RT-DETR) is (B, 2). Other dynamic axes of a 4-D image input take the
+    model's input_size (H, W) when ``model_spec`` is given; anything else dynamic needs
+    ``devices.<d>.profiles``.
+    """
+    vbs = DEFAULT_VALIDATION_BATCH if validation_batch_size is None else int(validation_batch_size)
+    max_b = max([*device.batch_sizes, vbs])
+    opt_b = max(device.batch_sizes)
+    profile = {}
+    for name, dims in inputs.items():
+        if name == "orig_target_sizes":
+            dims = [dims[0] if dims else None, 2]
+        mins, opts, maxs = [], [], []
+        for axis, d in enumerate(dims):
+            if d is not None:
+                mins.append(d), opts.append(d), maxs.append(d)
+            elif axis == 0:
+                mins.append(1), opts.append(opt_b), maxs.append(max_b)
+            elif model_spec is not None and len(dims) == 4 and axis in (2, 3):
+                size = int(model_spec.input_size[axis - 2])
+                mins.append(size), opts.append(size), maxs.append(size)
+            else:
+                raise KilnError(
+                    f"input '{name}' has a dynamic axis {axis} that Kiln cannot size: give "
+                    f"'devices.{device.name}.profiles' with min/opt/max shapes for it"
+                )
+        profile[name] = {"min": mins, "opt": opts, "max": maxs}
+    return profile
+
+
+def profiles_for(
+    device, onnx_path: Path, validation_batch_size: int | None = None, model_spec=None
+) -> list[dict[str, dict[str, list[int]]]]:
+    """The optimization profiles of a build: ``device.profiles`` checked against the ONNX, or the default."""
+    inputs = onnx_inputs(onnx_path)
+    if not device.profiles:
+        return [default_profile(device, inputs, validation_batch_size, model_spec)]
+    out = []
+    for k, given in enumerate(device.profiles):
+        where = f"'devices.{device.name}.profiles[{k}]'"
+        unknown = sorted(set(given) - set(inputs))
+        if unknown:
+            raise KilnError(f"{where} names {', '.join(unknown)}, not inputs of '{onnx_path}' "
+                            f"(its inputs: {', '.join(inputs)}): fix the names")
+        prof = {}
+        for name, dims in inputs.items():
+            if name not in given:
+                if any(d is None for d in dims):
+                    raise KilnError(f"{where} lacks input '{name}', which has dynamic axes: add its min/opt/max")
+                prof[name] = {"min": list(dims), "opt": list(dims), "max": list(dims)}
+                continue
+            shapes = {key: [int(x) for x in given[name][key]] for key in ("min", "opt", "max")}
+            for key, shape in shapes.items():
+                if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
+                    raise KilnError(f"{where}.{name}.{key} is {shape} but the ONNX input is "
+                                    f"{['?' if d is None else d for d in dims]}: match its rank and fixed axes")
+            if not all(a <= b <= c for a, b, c in zip(shapes["min"], shapes["opt"], shapes["max"])):
+                raise KilnError(f"{where}.{name}: needs min <= opt <= max on every axis")
+            prof[name] = shapes
+        out.append(prof)
+    return out
+
+
+def max_batch(profiles: Sequence[dict[str, dict[str, list[int]]]]) -> int:
+    return max(shapes["max"][0] for prof in profiles for shapes in prof.values() if shapes["max"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _call(obj: Any, name: str) -> Any:
+    """obj.name() when the binding has it (IParserError gained node_name/node_operator after 8.5)."""
+    fn = getattr(obj, name, None)
+    try:
+        return fn() if callable(fn) else None
+    except Exception:
+        return None
+
+
+def parser_error_text(err: Any, nodes: Sequence[Any] = ()) -> str:
+    """One parser error as 'node 3 'name' (op Domain:Type): description [CODE]'."""
+    index = _call(err, "node")
+    index = int(index) if isinstance(index, int) else -1
+    node = nodes[index] if 0 <= index < len(nodes) else None
+    name = _call(err, "node_name") or (node.name if node is not None else "")
+    op = _call(err, "node_operator") or (node.op_type if node is not None else "")
+    if node is not None and node.domain not in ("", "ai.onnx") and node.op_type == op:
+        op = f"{node.domain}:{op}"
+    code = _call(err, "code")
+    code = getattr(code, "name", None) or (str(code) if code is not None else "")
+    desc = str(_call(err, "desc") or err).strip()
+    where = f"node {index} '{name}' (op {op})" if index >= 0 else "the graph"
+    return f"{where}: {desc}" + (f" [{code}]" if code else "")
+
+
+def parse_onnx(ns: SimpleNamespace, onnx_path: Path, strongly_typed: bool) -> tuple[Any, Any, Any]:
+    """Parse an ONNX file into a new network; every parser error ends up in the KilnError.
+
+    Polygraphy's ``network_from_onnx_path`` would do the same parse, but on failure it only logs
+    the errors and raises "Could not parse ONNX correctly"; Kiln's summary needs each failing
+    node's name, op type and the parser's reason, so the parser is driven here, on a network
+    from Polygraphy's ``create_network`` (which knows which creation flags this version takes).
+    """
+    import onnx
+
+    trt = ns.trt
+    builder, network = ns.pg.create_network(strongly_typed=strongly_typed)
+    logger = ns.util.get_trt_logger()
+    trt.init_libnvinfer_plugins(logger, "")  # as Polygraphy's ONNX loader does: plugin ops resolve
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(onnx_path))
+    if ok and parser.num_errors == 0:
+        return builder, network, parser
+    nodes = list(onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    errors = [parser_error_text(parser.get_error(i), nodes) for i in range(parser.num_errors)]
+    raise KilnError(
+        f"{LABELS[ns.flavor]} {trt.__version__} cannot parse '{onnx_path}': "
+        + "; ".join(errors or ["the parser gave no reason (is the file a valid ONNX model?)"])
+        + ": replace or remove these nodes (export, surgery) or build this model for another device"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Builder configuration
+
+
+def options_of(device) -> dict[str, Any]:
+    """The builder options a device asks for, as recorded in the engine's metadata."""
+    return {
+        "workspace_mb": device.workspace_mb,
+        "builder_optimization_level": device.builder_optimization_level,
+        "hardware_compatibility": device.hardware_compatibility,
+        "version_compatible": device.version_compatible,
+        "tf32": device.tf32,
+        "dla_core": device.dla_core,
+        "int8_mode": device.int8_mode,
+    }
+
+
+def make_config(
+    ns: SimpleNamespace,
+    device,
+    profiles: Sequence[dict[str, dict[str, list[int]]]],
+    *,
+    precision_flags: dict[str, bool] | None = None,
+    calibrator: Any = None,
+    timing_cache: Path | None = None,
+    compute_capabilities: Sequence[tuple[int, int]] | None = None,
+    record: dict[str, Any] | None = None,
+) -> Any:
+    """A Polygraphy config loader with the device's builder options.
+
+    ``precision_flags`` (fp16/bf16/int8/fp8 -> True) and ``calibrator`` are TensorRT < 11 weak
+    typing; ``compute_capabilities`` are TensorRT-RTX's ahead-of-time targets. ``record``
+    receives the builder flags actually set on the config (read back from it).
+    """
+    trt = ns.trt
+    version = major_minor(trt.__version__)
+    kwargs: dict[str, Any] = {
+        "profiles": [to_polygraphy_profile(ns, p) for p in profiles],
+        # DETAILED keeps per-layer information in the plan for the engine inspector (layers.json).
+        "profiling_verbosity": trt.ProfilingVerbosity.DETAILED,
+    }
+    # builder_optimization_level exists from TensorRT 8.6 (and in every TensorRT-RTX).
+    if ns.flavor == "tensorrt-rtx" or version >= (8, 6):
+        kwargs["builder_optimization_level"] = device.builder_optimization_level
+    if device.workspace_mb:
+        kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(device.workspace_mb) << 20}
+    if device.hardware_compatibility != "none":
+        member = HARDWARE_COMPATIBILITY[device.hardware_compatibility]
+        level = getattr(trt.HardwareCompatibilityLevel, member, None)
+        if level is None:
+            raise KilnError(f"{LABELS[ns.flavor]} {trt.__version__} has no hardware compatibility level "
+                            f"{member}: set 'devices.{device.name}.hardware_compatibility' to another level")
+        kwargs["hardware_compatibility_level"] = level
+    if device.version_compatible:
+        kwargs["version_compatible"] = True
+    if timing_cache is not None and Path(timing_cache).is_file():
+        kwargs["load_timing_cache"] = str(timing_cache)
+
+    if ns.flavor == "tensorrt-rtx":
+        loader = ns.CreateConfigRTX(compute_capabilities=list(compute_capabilities or []) or None, **kwargs)
+    else:
+        dla = device.dla_core is not None
+        loader = ns.pg.CreateConfig(
+            tf32=device.tf32,
+            calibrator=calibrator,
+            use_dla=dla,
+            allow_gpu_fallback=dla,  # the schema promises GPU fallback for layers DLA cannot run
+            **(precision_flags or {}),
+            **kwargs,
+        )
+
+    def finish(builder: Any, network: Any, config: Any) -> None:
+        # TF32 for fp32 layers: CreateConfigRTX has no tf32 switch and TensorRT-RTX turns it on by
+        # default; set it from the device either way (where this version still has the flag).
+        if hasattr(trt.BuilderFlag, "TF32"):
+            if device.tf32:
+                config.set_flag(trt.BuilderFlag.TF32)
+            else:
+                config.clear_flag(trt.BuilderFlag.TF32)
+        if device.dla_core is not None:
+            config.DLA_core = int(device.dla_core)  # Polygraphy's use_dla always picks core 0
+        if record is not None:
+            record["builder_flags"] = sorted(
+                name for name, flag in trt.BuilderFlag.__members__.items() if config.get_flag(flag)
+            )
+
+    return ns.pg.PostprocessConfig(loader, finish)
+
+
+def to_polygraphy_profile(ns: SimpleNamespace, profile: dict[str, dict[str, list[int]]]) -> Any:
+    prof = ns.pg.Profile()
+    for name, shapes in profile.items():
+        prof.add(name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
+    return prof
+
+
+def serialize_network(ns: SimpleNamespace, network: tuple, config: Any, save_timing_cache: Path | None = None) -> Any:
+    """Build: the serialized plan (a TensorRT IHostMemory) exactly as the builder returns it."""
+    return ns.pg.engine_bytes_from_network(
+        network, config=config, save_timing_cache=str(save_timing_cache) if save_timing_cache else None
+    )
+
+
+def save_plan(plan: Any, path: Path) -> int:
+    """Write the plan's bytes as they are (no header) and return their count."""
+    data = memoryview(plan)
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return data.nbytes
+
+
+# --------------------------------------------------------------------------------------------------
+# layers.json
+
+
+def network_layers(network: Any) -> list[dict[str, Any]]:
+    """Layers of a parsed network: name, type and each output's name, dtype and shape."""
+    layers = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outputs = []
+        for j in range(layer.num_outputs):
+            t = layer.get_output(j)
+            outputs.append({"name": t.name, "dtype": getattr(t.dtype, "name", str(t.dtype)),
+                            "shape": [int(d) for d in t.shape]})
+        layers.append({"index": i, "name": layer.name, "type": getattr(layer.type, "name", str(layer.type)),
+                       "outputs": outputs})
+    return layers
+
+
+def inspector_layers(ns: SimpleNamespace, plan: Any) -> dict[str, Any] | None:
+    """The engine inspector's JSON of the built plan, or None when this host cannot deserialize it.
+
+    Deserializing needs a CUDA driver (and for TensorRT-RTX a GPU of a target compute
+    capability), so it is only tried where the host probe found a driver.
+    """
+    if not _probe_gpu().get("driver"):
+        return None
+    trt = ns.trt
+    try:
+        runtime = trt.Runtime(ns.util.get_trt_logger())
+        engine = runtime.deserialize_cuda_engine(bytes(memoryview(plan)))
+        if engine is None:
+            return None
+        inspector = engine.create_engine_inspector()
+        return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    except Exception as err:  # a runtime refusal is a reason to fall back, not to fail the build
+        log.info("engine inspector unavailable (%s); layers.json lists the parsed network", err)
+        return None
+
+
+def write_layers_json(path: Path, ns: SimpleNamespace, network: Any, plan: Any, strongly_typed: bool) -> dict[str, Any]:
+    """Write layers.json, from the engine inspector when possible, else from the parsed network."""
+    from kiln.util import write_json
+
+    info = inspector_layers(ns, plan)
+    builder = f"{LABELS[ns.flavor]} {ns.trt.__version__}"
+    if info is not None:
+        layers = info.get("Layers", [])
+        doc = {"source": "engine_inspector", "builder": builder, "num_layers": len(layers), "layers": layers,
+               "engine": {k: v for k, v in info.items() if k != "Layers"}}
+    else:
+        layers = network_layers(network)
+        doc = {
+            "source": "network",
+            "builder": builder,
+            "note": (
+                "layers of the parsed network before TensorRT's fusions and kernel choice: the engine "
+                "inspector needs the engine deserialized, which needs a CUDA driver"
+                + (" and a GPU of a target compute capability" if ns.flavor == "tensorrt-rtx" else "")
+                + ("" if strongly_typed else "; a weakly typed network's dtypes are those parsed, not the "
+                   "precisions the builder picks under its flags")
+            ),
+            "strongly_typed": strongly_typed,
+            "num_layers": len(layers),
+            "layers": layers,
+        }
+    write_json(path, doc)
+    return doc
+
+
+# --------------------------------------------------------------------------------------------------
+# The build
+
+
+def build_plan(
+    flavor: str,
+    onnx_path: Path,
+    engine_path: Path,
+    device,
+    *,
+    source_precision: str,
+    strongly_typed: bool,
+    precision_flags: dict[str, bool] | None = None,
+    calibrator_factory: Callable[[SimpleNamespace, list], tuple[Any, Path | None]] | None = None,
+    compute_capabilities: Sequence[tuple[int, int]] | None = None,
+    timing_cache: Path | None = None,
+    validation_batch_size: int | None = None,
+    model_spec=None,
+    layers_json: Path | None = None,
+) -> dict[str, Any]:
+    """Parse, configure, build and write the plan to ``engine_path``; return the engine's metadata.
+
+    ``calibrator_factory(ns, profiles)`` returns (calibrator, cache path) for TensorRT < 11's
+    INT8 calibration. ``timing_cache`` is loaded when it exists and updated after the build.
+    ``layers.json`` goes to ``layers_json`` (default: beside the engine). Any refusal by the
+    parser or the builder is a KilnError carrying TensorRT's reasons; nothing is written then.
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    ns = polygraphy_trt(flavor)
+    label = f"{LABELS[flavor]} {ns.trt.__version__}"
+    t0 = time.perf_counter()
+    profiles = profiles_for(device, onnx_path, validation_batch_size, model_spec)
+    record: dict[str, Any] = {}
+    from polygraphy.exception import PolygraphyException
+
+    with polygraphy_logs() as errors:
+        try:
+            network = parse_onnx(ns, onnx_path, strongly_typed)
+            calibrator, calib_cache = calibrator_factory(ns, profiles) if calibrator_factory else (None, None)
+            config = make_config(ns, device, profiles, precision_flags=precision_flags, calibrator=calibrator,
+                                 timing_cache=timing_cache, compute_capabilities=compute_capabilities, record=record)
+            if timing_cache is not None:
+                Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
+            plan = serialize_network(ns, network, config, save_timing_cache=timing_cache)
+        except PolygraphyException as err:
+            reasons = "; ".join(dict.fromkeys(e for e in errors if e)) or str(err)
+            raise KilnError(f"{label} could not build an engine from '{onnx_path}': {reasons}".replace("\n", " ")) from None
+    build_seconds = time.perf_counter() - t0
+    size = save_plan(plan, engine_path)
+    layers_path = Path(layers_json) if layers_json else engine_path.parent / "layers.json"
+    layers = write_layers_json(layers_path, ns, network[1], plan, strongly_typed)
+    host = detect_host()
+    return {
+        "builder": label,
+        "versions": {
+            FLAVORS[flavor]: str(ns.trt.__version__),
+            "polygraphy": ns.polygraphy_version,
+            "onnx_opset": onnx_opset(onnx_path),
+        },
+        "build_seconds": round(build_seconds, 3),
+        "source_precision": source_precision,
+        "strongly_typed": strongly_typed,
+        "builder_flags": record.get("builder_flags", []),
+        "precision_flags": sorted(k for k, v in (precision_flags or {}).items() if v),
+        "compute_capabilities": [f"{a}.{b}" for a, b in (compute_capabilities or [])],
+        "profiles": profiles,
+        "options": options_of(device),
+        "timing_cache": str(timing_cache) if timing_cache else None,
+        "calibration_cache": str(calib_cache) if calib_cache else None,
+        "plan_bytes": size,
+        "layers_json": str(layers_path),
+        "layers_source": layers["source"],
+        "num_layers": layers["num_layers"],
+        # Not "host": build_engine's record already has that key (the host's name).
+        "build_host": host.as_dict(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+class TrtEngineRunner:
+    """A TensorRT / TensorRT-RTX engine behind kiln.backends.base.Runner, through Polygraphy's TrtRunner.
+
+    Input shapes are set from each feed (TrtRunner does it when a shape changes), so any batch
+    within the engine's profile runs. Outputs are copied: TrtRunner reuses its buffers.
+    """
+
+    def __init__(self, flavor: str, engine_path: Path, device, threads: int = 0):
+        from polygraphy.exception import PolygraphyException
+
+        ns = polygraphy_trt(flavor)
+        trt = ns.trt
+        try:
+            with polygraphy_logs() as errors:
+                engine = ns.pg.engine_from_path(str(engine_path))
+                self._runner = ns.pg.TrtRunner(engine, name=f"kiln-{device.name}")
+                self._runner.activate()
+        except PolygraphyException as err:
+            reasons = "; ".join(dict.fromkeys(errors)) or str(err)
+            raise KilnError(f"{LABELS[flavor]} cannot load '{engine_path}': {reasons}".replace("\n", " ")) from None
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_names = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+
+    def infer(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        outs = self._runner.infer(feeds)
+        return {name: np.array(outs[name], copy=True) for name in self.output_names}
+
+    def close(self) -> None:
+        if getattr(self, "_runner", None) is not None and self._runner.is_active:
+            self._runner.deactivate()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
