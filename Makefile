@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
+# TensorRT 10 type stubs, kept out of site-packages: an importable empty `tensorrt` package there
+# would make ModelOpt believe TensorRT is installed. Tests check Kiln's TensorRT API names against it.
+TRT_STUBS := $(VENV)/trt-stubs
 CORES ?= all
 
 .PHONY: run test lint clean
@@ -13,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: the CPU build of 2.13.0 (an unpinned torch pulls the CUDA build).
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps --target $(TRT_STUBS) tensorrt-stubs
 	touch $(STAMP)
 
 run: $(STAMP)  ## run the pipeline on config.yaml
@@ -20,7 +24,7 @@ run: $(STAMP)  ## run the pipeline on config.yaml
 	@echo; echo "Summary: $$(pwd)/results/report/summary.md"; echo; cat results/report/summary.md
 
 test: $(STAMP)  ## run the test suite
-	$(BIN)/python -m pytest
+	KILN_TRT_STUBS=$(TRT_STUBS) $(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check kiln tests scripts

@@ -22,11 +22,27 @@ def params(cfg: KilnConfig, device: str) -> dict:
     return {"backend": d.backend, "backend_version": backend.version(), "providers": list(d.providers)}
 
 
-def build_engine(cfg: KilnConfig, device: str, model: str, precision: str, onnx_path: Path, record: Path, threads: int = 0) -> dict:
+def needs_calibration(cfg: KilnConfig, device: str, precision: str) -> bool:
+    """Whether this engine's build runs a calibrator (TensorRT < 11 int8 calibrator, best)."""
+    d = cfg.devices[device]
+    check = getattr(backends.get(d.backend), "needs_calibration", None)
+    return bool(check and check(precision, d))
+
+
+def build_engine(
+    cfg: KilnConfig,
+    device: str,
+    model: str,
+    precision: str,
+    onnx_path: Path,
+    record: Path,
+    threads: int = 0,
+    calib_npz: Path | None = None,
+) -> dict:
     """Build and write the engine and its record; a model the backend rejects is recorded as failed."""
     d = cfg.devices[device]
     backend = backends.get(d.backend)
-    reason = backend.check_host(d)
+    reason = backend.check_build_host(d)
     if reason:
         raise KilnError(f"device '{device}' cannot build on host {platform.node()}: {reason}")
     engine = Path(paths.fmt(paths.ENGINE_FILE, results=cfg.results, device=device, model=model,
@@ -40,7 +56,14 @@ def build_engine(cfg: KilnConfig, device: str, model: str, precision: str, onnx_
     t0 = time.perf_counter()
     try:
         with atomic_path(engine) as tmp:
-            meta = backend.build(onnx_path, tmp, d, precision, threads=threads)
+            meta = backend.build(
+                onnx_path, tmp, d, precision, threads=threads,
+                model_spec=cfg.models[model],
+                validation_batch_size=cfg.validation["batch_size"],
+                calib_npz=calib_npz,
+                cache_dir=engine.parent.parent.parent,  # results/engines/{device}/: shared by its builds
+                layers_json=engine.parent / "layers.json",
+            )
     except KilnError as err:
         # The backend refused this model (unsupported op, ...): a result to report, not a crash.
         engine.unlink(missing_ok=True)

@@ -16,16 +16,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from kiln.config import load_file
-    from kiln.workflow import runnable
+    from kiln.workflow import buildable, runnable
 
     try:
         cfg = load_file(args.configfile, base=".")
     except KilnError as err:
         print(f"kiln: {err}", file=sys.stderr)
         return 1
-    reasons = runnable(cfg)
+    can_build, can_run = buildable(cfg), runnable(cfg)
     for device, model, precision in cfg.jobs():
-        where = "runs here" if reasons[device] is None else f"not here: {reasons[device]}"
+        if can_build[device]:
+            where = f"not run on this host: {can_build[device]}"
+        elif can_run[device]:
+            where = f"built here, not validated: {can_run[device]}"
+        else:
+            where = "built and validated here"
         print(f"{model:20s} {device:16s} {precision:6s} {where}")
     print(f"{args.configfile}: OK, {len(cfg.jobs())} jobs")
     return 0

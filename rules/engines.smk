@@ -24,6 +24,11 @@ rule reference:
 rule build:
     input:
         onnx=engine_source,
+        calib=lambda w: (
+            [P(paths.INPUTS, model=w.model, split="calib")]
+            if kiln_build.needs_calibration(KILN, w.device, w.precision)
+            else []
+        ),
     output:
         P(paths.ENGINE_RECORD),
     log:

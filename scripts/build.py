@@ -5,4 +5,6 @@ from kiln.entry import script
 
 with script(snakemake) as cfg:  # noqa: F821
     w = snakemake.wildcards
-    build_engine(cfg, w.device, w.model, w.precision, snakemake.input.onnx, snakemake.output[0], snakemake.threads)
+    calib = snakemake.input.calib[0] if snakemake.input.calib else None
+    build_engine(cfg, w.device, w.model, w.precision, snakemake.input.onnx, snakemake.output[0], snakemake.threads,
+                 calib_npz=calib)

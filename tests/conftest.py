@@ -31,8 +31,15 @@ def tiny_config(checkpoint_yolo: str = "models/demo_yolo.pt", checkpoint_rtdetr:
                 "calibration": {"images": 8},
             },
         },
-        "devices": {"cpu": {"backend": "onnxruntime", "opset": 17, "precisions": ["fp32", "fp16", "int8"],
-                            "batch_sizes": [1]}},
+        "devices": {
+            "cpu": {"backend": "onnxruntime", "opset": 17, "precisions": ["fp32", "fp16", "int8"], "batch_sizes": [1]},
+            # Real TensorRT-RTX builds, ahead of time on this CPU-only host.
+            "rtx": {"backend": "tensorrt-rtx", "compute_capability": "8.9", "opset": 17,
+                    "precisions": ["fp32", "fp16", "int8"], "batch_sizes": [1], "builder_optimization_level": 1},
+            # Full TensorRT is not installable here: listed as not run on this host.
+            "h100": {"backend": "tensorrt", "compute_capability": "9.0", "tensorrt": {"min": "11.0"},
+                     "opset": 17, "precisions": ["fp16"], "batch_sizes": [1]},
+        },
         "validation": {"batch_size": 8, "latency": {"warmup_ms": 10, "min_iterations": 5, "min_seconds": 0.05}},
     }
 

@@ -13,6 +13,7 @@ from kiln.workflow import buildable, runnable, validation_targets
 
 def _cfg(config_dict, tmp_path):
     config_dict["results"] = str(tmp_path / "results")
+    config_dict["devices"] = {"cpu": config_dict["devices"]["cpu"]}
     config_dict["devices"]["gpu"] = {"backend": "onnxruntime", "providers": ["CUDAExecutionProvider"],
                                      "precisions": ["fp16"], "models": ["yolo_demo"]}
     return load(config_dict, check_paths=False)
@@ -74,6 +75,7 @@ def test_failed_build_is_reported_with_reason(config_dict, tmp_path):
 def test_kiln_check_lists_jobs_and_refuses_bad_config(tmp_path, capsys, config_dict):
     import yaml
 
+    config_dict["devices"] = {"cpu": config_dict["devices"]["cpu"]}
     config_dict["devices"]["cpu"]["precisions"] = ["fp32"]
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(config_dict))

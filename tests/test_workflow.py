@@ -35,12 +35,28 @@ def run(tmp_path_factory):
     return work, proc
 
 
+MODELS = ("yolo_demo", "rtdetr_demo")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
 def test_summary_has_a_row_per_model_device_precision(run):
     work, _ = run
     summary = read_json(work / "results/report/summary.json")
     rows = {(r["model"], r["device"], r["precision"]): r for r in summary["rows"]}
-    assert set(rows) == {(m, "cpu", p) for m in ("yolo_demo", "rtdetr_demo") for p in ("fp32", "fp16", "int8")}
-    for key, r in rows.items():
+    expected = {(m, dev, p) for m in MODELS for dev in ("cpu", "rtx") for p in PRECISIONS}
+    expected |= {(m, "h100", "fp16") for m in MODELS}
+    assert set(rows) == expected
+    for m in MODELS:
+        h100 = rows[(m, "h100", "fp16")]
+        assert h100["status"] == "not run"
+        assert h100["reason"] == "not run on this host: TensorRT is not installed on this host"
+        for p in PRECISIONS:
+            rtx = rows[(m, "rtx", p)]
+            assert rtx["status"] == "built", rtx
+            assert rtx["reason"].startswith("not validated on this host: TensorRT-RTX engines need a CUDA driver")
+            assert rtx["engine_bytes"] > 100_000
+    cpu_rows = {k: r for k, r in rows.items() if k[1] == "cpu"}
+    for key, r in cpu_rows.items():
         assert r["status"] in ("passed", "failed"), (key, r)
         assert r["simplify"].startswith("simplified"), (key, r["simplify"])
         assert r["onnx_bytes"] > 10_000 and r["engine_bytes"] > 10_000
@@ -53,7 +69,7 @@ def test_summary_has_a_row_per_model_device_precision(run):
     assert rows[("rtdetr_demo", "cpu", "fp32")]["detection_match_rate"] > 0.99
     # The trained demo detector is good enough that its mAP means something even on 16 images.
     assert rows[("yolo_demo", "cpu", "fp32")]["map50"] >= 0.5
-    assert (work / "results/report/summary.csv").read_text().count("\n") == 7
+    assert (work / "results/report/summary.csv").read_text().count("\n") == 1 + len(expected)
     assert "| yolo_demo | cpu | int8 |" in (work / "results/report/summary.md").read_text()
 
 
@@ -73,6 +89,24 @@ def test_artifacts_are_real_variants(run):
     assert set(v["parity"]["outputs"]) == {"labels", "boxes", "scores"} and "detections" in v["parity"]
     assert [lat["batch_size"] for lat in v["latency"]] == [1]
     assert v["latency"][0]["iterations"] >= 5
+
+
+def test_rtx_engines_are_plain_plans_with_sidecars(run):
+    work, _ = run
+    for m in MODELS:
+        for p in PRECISIONS:
+            folder = work / "results/engines/rtx" / m / p
+            record = read_json(folder / "engine.json")
+            engine = folder / "model.engine"
+            assert record["status"] == "built" and record["engine"].endswith("model.engine")
+            assert engine.stat().st_size == record["engine_bytes"]
+            from kiln.util import sha256
+
+            assert sha256(engine) == record["engine_sha256"]
+            assert record["backend_version"].startswith("1.")
+            assert record["onnx"].endswith(f"opset17/{p}.onnx")  # strongly typed: built from the variant
+            layers = read_json(folder / "layers.json")
+            assert layers["source"] == "network" and len(layers["layers"]) > 10
 
 
 def test_second_run_has_nothing_to_do(run):

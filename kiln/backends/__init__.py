@@ -23,6 +23,8 @@ from kiln.errors import KilnError
 
 BACKENDS = {
     "onnxruntime": "kiln.backends.onnxruntime",
+    "tensorrt": "kiln.backends.tensorrt",
+    "tensorrt-rtx": "kiln.backends.tensorrt_rtx",
 }
 
 

@@ -110,7 +110,7 @@ def _op_histogram(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
 
 
-def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0) -> dict:
+def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0, **_extra) -> dict:
     """Let ONNX Runtime optimize the graph for the device's providers and save the result."""
     import onnxruntime as ort
 

@@ -199,6 +199,11 @@ def _calibrator_factory(engine_path: Path, extra: dict[str, Any]):
     return factory
 
 
+def needs_calibration(precision: str, device) -> bool:
+    """Whether building this precision runs an INT8 calibrator (so needs the calibration split)."""
+    return precision == "best" or (precision == "int8" and device.int8_mode == "calibrator")
+
+
 def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0, **extra) -> dict:
     """Build the engine of ``precision`` from ``onnx_path`` (the variant source_precision names).
 
@@ -210,8 +215,9 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
       the engine); it is a per-device artifact and is rewritten by every calibrating build.
     * ``model_spec``: the model's ModelSpec (calibration feeds and image count; input size for
       dynamic H/W profiles).
-    * ``timing_cache``: timing-cache file to load (when present) and update; name it per host with
-      :func:`kiln.backends.trt_common.timing_cache_key`.
+    * ``timing_cache``: timing-cache file to load (when present) and update; or
+    * ``cache_dir``: folder where ``timing-<key>.cache`` is kept, the key from
+      :func:`kiln.backends.trt_common.timing_cache_key` (GPU, CUDA and TensorRT versions).
     * ``validation_batch_size``: the validation batch size, so the default profile covers it.
     * ``layers_json``: where layers.json goes (default beside the engine).
     """
@@ -219,6 +225,11 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
     if trt is None:
         raise KilnError("TensorRT is not installed on this host")
     s = build_settings(precision, device, str(trt.__version__))
+    timing = extra.get("timing_cache")
+    if timing is None and extra.get("cache_dir"):
+        # One timing cache per GPU/CUDA/TensorRT combination, shared by the device's builds.
+        key = common.timing_cache_key(common.detect_host(), str(trt.__version__))
+        timing = Path(extra["cache_dir"]) / f"timing-{key}.cache"
     return common.build_plan(
         FLAVOR,
         onnx_path,
@@ -228,7 +239,7 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
         strongly_typed=s["strongly_typed"],
         precision_flags=s["precision_flags"],
         calibrator_factory=_calibrator_factory(engine_path, extra) if s["calibrate"] else None,
-        timing_cache=Path(extra["timing_cache"]) if extra.get("timing_cache") else None,
+        timing_cache=Path(timing) if timing else None,
         validation_batch_size=extra.get("validation_batch_size"),
         model_spec=extra.get("model_spec"),
         layers_json=extra.get("layers_json"),

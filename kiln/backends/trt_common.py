@@ -137,12 +137,11 @@ def polygraphy_trt(flavor: str) -> SimpleNamespace:
     trt = import_trt(flavor)
     if trt is None:
         raise KilnError(f"{LABELS[flavor]} is not installed on this host")
-    os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1" if rtx else "0"
     from polygraphy import config as pg_config
     from polygraphy.mod.trt_importer import lazy_import_trt
 
-    pg_config.USE_TENSORRT_RTX = rtx
     wanted = FLAVORS[flavor]
+    unloaded = []
     for name, module in list(sys.modules.items()):
         if not name.startswith("polygraphy") or module is None:
             continue
@@ -152,12 +151,17 @@ def polygraphy_trt(flavor: str) -> SimpleNamespace:
         # vars() reads the instance dict directly: getattr would import the module.
         loaded = vars(lazy).get("module")
         if loaded is None:
-            setattr(module, "trt", lazy_import_trt())
+            unloaded.append(module)
         elif loaded.__name__ != wanted:
+            # Checked before anything is changed, so the process keeps working with its flavor.
             raise KilnError(
                 f"Polygraphy in this process already uses {loaded.__name__}; {LABELS[flavor]} builds "
                 f"must run in a process of their own (one engine job per process)"
             )
+    os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1" if rtx else "0"
+    pg_config.USE_TENSORRT_RTX = rtx
+    for module in unloaded:
+        module.trt = lazy_import_trt()
 
     import polygraphy
     import polygraphy.backend.trt as pg
@@ -642,6 +646,11 @@ def make_config(
             record["builder_flags"] = sorted(
                 name for name, flag in trt.BuilderFlag.__members__.items() if config.get_flag(flag)
             )
+            if hasattr(config, "num_compute_capabilities"):  # TensorRT-RTX: read the AOT targets back
+                record["compute_capability_targets"] = [
+                    getattr(config.get_compute_capability(i), "name", "?")
+                    for i in range(config.num_compute_capabilities)
+                ]
 
     return ns.pg.PostprocessConfig(loader, finish)
 
@@ -803,6 +812,8 @@ def build_plan(
         "builder_flags": record.get("builder_flags", []),
         "precision_flags": sorted(k for k, v in (precision_flags or {}).items() if v),
         "compute_capabilities": [f"{a}.{b}" for a, b in (compute_capabilities or [])],
+        # As the builder config holds them (TensorRT-RTX), e.g. ["SM89"]; empty for TensorRT.
+        "compute_capability_targets": record.get("compute_capability_targets", []),
         "profiles": profiles,
         "options": options_of(device),
         "timing_cache": str(timing_cache) if timing_cache else None,
