@@ -16,10 +16,15 @@ log = logging.getLogger(__name__)
 
 
 def params(cfg: KilnConfig, device: str) -> dict:
+    """What shapes this device's engines, as plain values Snakemake tracks."""
     d = cfg.devices[device]
     backend = backends.get(d.backend)
-    # The backend's version is part of the params: upgrading it on a host rebuilds that host's engines.
-    return {"backend": d.backend, "backend_version": backend.version(), "providers": list(d.providers)}
+    return {
+        "backend": d.backend,
+        # Upgrading the backend on a host rebuilds that host's engines.
+        "backend_version": backend.version(),
+        "options": backend.build_params(d, cfg.validation["batch_size"]),
+    }
 
 
 def needs_calibration(cfg: KilnConfig, device: str, precision: str) -> bool:

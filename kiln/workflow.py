@@ -5,15 +5,37 @@ from __future__ import annotations
 import sys
 
 from kiln import backends, paths
-from kiln.config import KilnConfig, check_files_unique, load
+from kiln.config import KilnConfig, check_files_unique, load, read_yaml
 from kiln.errors import KilnError
+
+
+def select_devices(config: dict, config_files: list[str]) -> dict:
+    """Apply `--config devices=a,b`: keep those devices of the config files, in that order.
+
+    Snakemake puts the string in place of the devices mapping, so the definitions are
+    read back from the config files.
+    """
+    chosen = config.get("devices")
+    if not isinstance(chosen, (str, list)):
+        return config
+    names = [n.strip() for n in (chosen.split(",") if isinstance(chosen, str) else chosen) if n.strip()]
+    defined: dict = {}
+    for path in config_files:
+        defined.update(read_yaml(path).get("devices") or {})
+    unknown = [n for n in names if n not in defined]
+    if unknown or not names:
+        raise KilnError(
+            f"--config devices={chosen}: unknown device {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"the config files define: {', '.join(defined) or 'none'}"
+        )
+    return {**config, "devices": {n: defined[n] for n in names}}
 
 
 def load_or_exit(config: dict, config_files: list[str]) -> KilnConfig:
     """Check the config before any job runs; on a mistake print one line and stop (no traceback)."""
     try:
         check_files_unique(config_files)
-        return load(config, base=".")
+        return load(select_devices(config, config_files), base=".")
     except KilnError as err:
         print(f"kiln: {err}", file=sys.stderr)
         # os._exit-free: SystemExit from a Snakefile ends Snakemake with this status, quietly.

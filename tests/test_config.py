@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kiln.config import load, load_file
+from kiln.config import load, load_file, read_yaml
 from kiln.errors import KilnError
 from tests.conftest import REPO, write_config
 
@@ -115,3 +115,16 @@ def test_snakemake_prints_one_line_without_traceback(config_dict, tmp_path):
     assert "kiln: config: 'devices.cpu': precision 'fp8' cannot run on ONNX Runtime's CPUExecutionProvider" in out
     assert "Traceback" not in out and 'File "' not in out
     assert not (tmp_path / "results").exists()
+
+
+def test_config_devices_selects_some_devices(tmp_path):
+    from kiln.workflow import select_devices
+
+    files = [str(REPO / "config.yaml")]
+    raw = read_yaml(REPO / "config.yaml")
+    picked = select_devices({**raw, "devices": "cpu,rtx-4090"}, files)
+    assert list(picked["devices"]) == ["cpu", "rtx-4090"]
+    assert picked["devices"]["rtx-4090"]["backend"] == "tensorrt-rtx"
+    assert select_devices(raw, files) is raw  # no selection: untouched
+    with pytest.raises(KilnError, match=r"--config devices=cpu,tpu: unknown device 'tpu'; the config files define: cpu"):
+        select_devices({**raw, "devices": "cpu,tpu"}, files)

@@ -114,3 +114,83 @@ def test_second_run_has_nothing_to_do(run):
     proc = snakemake(work, "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- exact rebuilds
+
+
+def planned_jobs(work: Path, config: dict, *extra: str) -> set[tuple]:
+    """(rule, wildcards...) of every job a dry run with `config` plans, `all` excluded."""
+    import re
+
+    path = work / "edited.yaml"
+    write_config(path, config)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(path), "--cores", "2", "-n", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs, rule = set(), None
+    for line in proc.stdout.splitlines() + proc.stderr.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line.strip())
+        if m:
+            rule = m.group(1)
+            if rule in ("summary",):
+                jobs.add((rule,))
+        elif line.strip().startswith("wildcards:") and rule:
+            wc = dict(kv.split("=", 1) for kv in line.strip()[len("wildcards: "):].split(", "))
+            jobs.add((rule, *(wc[k] for k in sorted(wc))))
+    return jobs
+
+
+def onnx_chain(model: str, precisions=PRECISIONS) -> set[tuple]:
+    """Jobs from export to the variants and reference of one model (wildcards sorted by name)."""
+    jobs = {("export", model, "17"), ("simplify", model, "17"), ("surgery", model, "17"), ("reference", model, "17")}
+    for p in precisions:
+        jobs.add(("quantize" if p in ("int8", "fp8") else "precision", model, "17", p))
+    return jobs
+
+
+def engines(device: str, model: str, precisions=PRECISIONS, validate: bool = True) -> set[tuple]:
+    jobs = {("build", device, model, p) for p in precisions}
+    if validate:
+        jobs |= {("validate", device, model, p) for p in precisions}
+    return jobs
+
+
+def test_editing_one_device_reruns_only_its_jobs(run):
+    work, _ = run
+    cfg = tiny_config()
+    cfg["devices"]["cpu"]["batch_sizes"] = [1, 2]  # latency sweep: validation only
+    assert planned_jobs(work, cfg) == {("validate", "cpu", m, p) for m in MODELS for p in PRECISIONS} | {("summary",)}
+    cfg = tiny_config()
+    cfg["devices"]["rtx"]["builder_optimization_level"] = 2  # builder option: that device's builds
+    assert planned_jobs(work, cfg) == {("build", "rtx", m, p) for m in MODELS for p in PRECISIONS} | {("summary",)}
+
+
+def test_editing_one_model_reruns_only_its_chain(run):
+    work, _ = run
+    cfg = tiny_config()
+    cfg["models"]["yolo_demo"]["dynamic_hw"] = True
+    expected = onnx_chain("yolo_demo") | engines("cpu", "yolo_demo") | engines("rtx", "yolo_demo", validate=False)
+    assert planned_jobs(work, cfg) == expected | {("summary",)}
+
+
+def test_adding_a_precision_adds_only_its_jobs(run):
+    work, _ = run
+    cfg = tiny_config()
+    cfg["devices"]["rtx"]["precisions"].append("bf16")
+    expected = {("precision", m, "17", "bf16") for m in MODELS} | {("build", "rtx", m, "bf16") for m in MODELS}
+    assert planned_jobs(work, cfg) == expected | {("summary",)}
+
+
+def test_adding_a_device_adds_only_its_jobs(run):
+    work, _ = run
+    cfg = tiny_config()
+    cfg["devices"]["cpu2"] = dict(cfg["devices"]["cpu"], precisions=["fp32"], threads=1)
+    expected = {("build", "cpu2", m, "fp32") for m in MODELS} | {("validate", "cpu2", m, "fp32") for m in MODELS}
+    assert planned_jobs(work, cfg) == expected | {("summary",)}
+
+
+def test_unchanged_config_plans_nothing(run):
+    work, _ = run
+    assert planned_jobs(work, tiny_config()) == set()

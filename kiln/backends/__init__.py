@@ -8,6 +8,7 @@ A backend module defines:
   check_build_host(device) -> str | None    why this host cannot build the device's engines, or None
   check_host(device) -> str | None          why this host cannot run them (validate), or None
   source_precision(precision, device) -> str  which precision-variant ONNX the engine is built from
+  build_params(device, validation_batch_size) -> dict  device settings that change an engine (tracked)
   build(onnx_path, engine_path, device, precision, threads) -> dict   engine metadata
   load_runner(engine_path, device, threads) -> Runner                 see kiln.backends.base
 

@@ -84,6 +84,11 @@ def check_build_host(device) -> str | None:
     return check_host(device)
 
 
+def build_params(device, validation_batch_size: int) -> dict:
+    """Device settings that change the optimized model: only the providers."""
+    return {"providers": list(device.providers)}
+
+
 def source_precision(precision: str, device=None) -> str:
     """ONNX Runtime runs the precision-variant ONNX itself (AutoCast fp16, Q/DQ int8)."""
     return precision

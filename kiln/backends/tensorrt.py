@@ -125,6 +125,9 @@ def check_device(device) -> list[str]:
     return problems
 
 
+build_params = common.build_params
+
+
 def source_precision(precision: str, device=None) -> str:
     """Which precision-variant ONNX the engine of ``precision`` is built from on this device."""
     v = _device_version(device) if device is not None else None

@@ -99,6 +99,9 @@ def check_device(device) -> list[str]:
     return problems
 
 
+build_params = common.build_params
+
+
 def source_precision(precision: str, device=None) -> str:
     """Strongly typed: every precision is its own variant ONNX."""
     return precision

@@ -868,3 +868,27 @@ class TrtEngineRunner:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def build_params(device, validation_batch_size: int) -> dict[str, Any]:
+    """Device settings that change a TensorRT or TensorRT-RTX engine, as plain values.
+
+    Batch sizes count because the default optimization profile spans them; the
+    cluster hints, thread count and model list do not change an engine.
+    """
+    return {
+        "compute_capability": device.compute_capability,
+        "tensorrt": [device.tensorrt_min, device.tensorrt_max],
+        "jetson": device.jetson,
+        "opset": device.opset,
+        "workspace_mb": device.workspace_mb,
+        "builder_optimization_level": device.builder_optimization_level,
+        "hardware_compatibility": device.hardware_compatibility,
+        "version_compatible": device.version_compatible,
+        "tf32": device.tf32,
+        "int8_mode": device.int8_mode,
+        "dla_core": device.dla_core,
+        "profiles": [dict(p) for p in device.profiles],
+        "batch_sizes": list(device.batch_sizes),
+        "validation_batch_size": validation_batch_size,
+    }
