@@ -68,3 +68,38 @@ def build_only_targets(cfg: KilnConfig, run: dict[str, str | None], build: dict[
         for dev, m, p in cfg.jobs()
         if build[dev] is None and run[dev] is not None
     ]
+
+
+# --------------------------------------------------------------------------- resources and routing
+
+# Runtimes (minutes) and memory (MiB) each rule asks a cluster for; generous for the demo's sizes.
+RULE_RESOURCES = {
+    "dataset": {"mem_mb": 2000, "runtime": 20},
+    "inputs": {"mem_mb": 4000, "runtime": 20},
+    "export": {"mem_mb": 8000, "runtime": 30},
+    "simplify": {"mem_mb": 8000, "runtime": 30},
+    "surgery": {"mem_mb": 8000, "runtime": 30},
+    "precision": {"mem_mb": 8000, "runtime": 60},
+    "quantize": {"mem_mb": 16000, "runtime": 120},
+    "reference": {"mem_mb": 8000, "runtime": 60},
+    "build": {"mem_mb": 16000, "runtime": 120},
+    "validate": {"mem_mb": 16000, "runtime": 60},
+    "summary": {"mem_mb": 2000, "runtime": 10},
+}
+
+
+def needs_gpu(cfg: KilnConfig, device: str, rule: str) -> int:
+    """GPUs a job of `rule` for `device` needs: running engines does; TensorRT-RTX builds do not."""
+    d = cfg.devices[device]
+    if d.backend == "onnxruntime":
+        return int(rule == "validate" and d.providers[0] != "CPUExecutionProvider")
+    if d.backend == "tensorrt-rtx" and rule == "build":
+        return 0  # ahead-of-time: any host
+    return 1
+
+
+def cluster_hint(cfg: KilnConfig, device: str, rule: str, key: str) -> str:
+    """A device's cluster hint (partition, constraint, gres, gpu_model) for jobs that run on it, else ''."""
+    if not needs_gpu(cfg, device, rule):
+        return ""
+    return str(cfg.devices[device].cluster.get(key, ""))

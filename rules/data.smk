@@ -9,6 +9,10 @@ rule dataset:
     params:
         spec=lambda w: kiln_dataset.params(KILN, w.dataset, w.split),
         code=code("kiln.dataset"),
+    threads: 1
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["dataset"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["dataset"]["runtime"],
     conda:
         "../envs/kiln.yaml"
     script:
@@ -25,6 +29,10 @@ rule inputs:
     params:
         spec=lambda w: kiln_inputs.params(KILN, w.model, w.split),
         code=code("kiln.inputs"),
+    threads: 1
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["inputs"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["inputs"]["runtime"],
     conda:
         "../envs/kiln.yaml"
     script:

@@ -15,6 +15,9 @@ rule reference:
         spec=lambda w: kiln_reference.params(KILN, w.model),
         code=code("kiln.reference"),
     threads: 2
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["reference"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["reference"]["runtime"],
     conda:
         "../envs/kiln.yaml"
     script:
@@ -37,6 +40,15 @@ rule build:
         spec=lambda w: kiln_build.params(KILN, w.device),
         code=device_code("kiln.build"),
     threads: 2
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["build"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["build"]["runtime"],
+        gpu=lambda w: kiln_workflow.needs_gpu(KILN, w.device, "build"),
+        slurm_partition=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "partition"),
+        constraint=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "constraint"),
+        gres=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "gres"),
+        gpu_model=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "gpu_model"),
+    retries: 1
     conda:
         "../envs/kiln.yaml"
     script:
@@ -59,6 +71,14 @@ rule validate:
         code=device_code("kiln.validate"),
     # Latency is measured with the host to itself: ask for every core Snakemake has.
     threads: lambda w: KILN.devices[w.device].threads or 1024
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["validate"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["validate"]["runtime"],
+        gpu=lambda w: kiln_workflow.needs_gpu(KILN, w.device, "validate"),
+        slurm_partition=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "partition"),
+        constraint=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "constraint"),
+        gres=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "gres"),
+        gpu_model=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "gpu_model"),
     conda:
         "../envs/kiln.yaml"
     script:

@@ -11,6 +11,10 @@ rule export:
     params:
         spec=lambda w: kiln_export.params(KILN, w.model),
         code=code("kiln.export"),
+    threads: 1
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["export"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["export"]["runtime"],
     conda:
         "../envs/kiln.yaml"
     script:
@@ -28,6 +32,10 @@ rule simplify:
     params:
         spec=lambda w: kiln_simplify.params(KILN, w.model),
         code=code("kiln.simplify"),
+    threads: 1
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["simplify"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["simplify"]["runtime"],
     conda:
         "../envs/kiln.yaml"
     script:
@@ -45,6 +53,10 @@ rule surgery:
     params:
         spec=lambda w: kiln_surgery.params(KILN, w.model),
         code=code("kiln.surgery"),
+    threads: 1
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["surgery"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["surgery"]["runtime"],
     conda:
         "../envs/kiln.yaml"
     script:

@@ -14,6 +14,10 @@ rule precision:
         code=code("kiln.precision"),
     wildcard_constraints:
         precision="fp32|fp16|bf16",
+    threads: 1
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["precision"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["precision"]["runtime"],
     conda:
         "../envs/kiln.yaml"
     script:
@@ -35,6 +39,10 @@ rule quantize:
         code=code("kiln.precision"),
     wildcard_constraints:
         precision="int8|fp8",
+    threads: 2
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["quantize"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["quantize"]["runtime"],
     conda:
         "../envs/kiln.yaml"
     script:

@@ -15,6 +15,10 @@ rule summary:
         cannot_build={d: r for d, r in CAN_BUILD.items() if r},
         cannot_run={d: r for d, r in CAN_RUN.items() if r},
         code=code("kiln.summary"),
+    threads: 1
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["summary"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["summary"]["runtime"],
     conda:
         "../envs/kiln.yaml"
     script:
