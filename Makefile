@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kiln-installed
 TRT_STUBS := $(VENV)/trt-stubs
 CORES ?= all
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean verify lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,25 @@ run: $(STAMP)  ## run the pipeline on config.yaml
 
 test: $(STAMP)  ## run the test suite
 	KILN_TRT_STUBS=$(TRT_STUBS) $(BIN)/python -m pytest
+
+# The demo run in a clean temporary folder (models/ copied there), then `kiln $(1)` on its results.
+# VERIFY_DIR=path runs in that folder instead and keeps it.
+define clean_demo
+	@set -e; dir="$${VERIFY_DIR:-$$(mktemp -d -t kiln-verify.XXXXXX)}"; \
+	[ -n "$$VERIFY_DIR" ] || trap 'rm -rf "$$dir"' EXIT; \
+	mkdir -p "$$dir" && cp -r models "$$dir/"; \
+	echo "kiln: demo run in $$dir"; start=$$(date +%s); \
+	$(BIN)/snakemake -s $(CURDIR)/Snakefile --directory "$$dir" --configfile $(CURDIR)/config.yaml \
+		--cores $(CORES) --quiet rules; \
+	echo "kiln: demo run took $$(( $$(date +%s) - start )) s"; \
+	$(BIN)/kiln $(1) --results "$$dir/results"
+endef
+
+verify: $(STAMP)  ## rerun the demo in a clean folder; list every artifact that differs from kiln.lock
+	$(call clean_demo,verify --lock kiln.lock)
+
+lock: $(STAMP)  ## rerun the demo in a clean folder and rewrite kiln.lock from it
+	$(call clean_demo,lock --out kiln.lock)
 
 lint: $(STAMP)
 	$(BIN)/ruff check kiln tests scripts

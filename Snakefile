@@ -3,6 +3,9 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+# Landing page of `snakemake --report`; outputs marked report() fill it (rules/report.smk).
+report: "report/workflow.rst"
+
 
 # The bundled demo config, unless --configfile names others: those replace it rather
 # than being merged into it (a user's models must not inherit the demo's).
@@ -12,6 +15,7 @@ if not workflow.overwrite_configfiles:
 
 
 include: "rules/common.smk"
+include: "rules/hosts.smk"
 
 
 wildcard_constraints:
@@ -27,10 +31,12 @@ include: "rules/data.smk"
 include: "rules/onnx.smk"
 include: "rules/precision.smk"
 include: "rules/engines.smk"
+include: "rules/baseline.smk"
 include: "rules/report.smk"
 
 
 rule all:
     input:
         summary_targets(),
+        page_targets(),
     default_target: True

@@ -43,15 +43,21 @@ def build_engine(
     record: Path,
     threads: int = 0,
     calib_npz: Path | None = None,
+    engine_path: Path | None = None,
 ) -> dict:
-    """Build and write the engine and its record; a model the backend rejects is recorded as failed."""
+    """Build and write the engine and its record; a model the backend rejects is recorded as failed.
+
+    `engine_path` is where the rule wants the engine (a local copy under a storage provider); the
+    record names the engine by its artifact path either way.
+    """
     d = cfg.devices[device]
     backend = backends.get(d.backend)
     reason = backend.check_build_host(d)
     if reason:
         raise KilnError(f"device '{device}' cannot build on host {platform.node()}: {reason}")
-    engine = Path(paths.fmt(paths.ENGINE_FILE, results=cfg.results, device=device, model=model,
-                             precision=precision, suffix=backend.ENGINE_SUFFIX))
+    artifact = paths.fmt(paths.ENGINE_FILE, results=cfg.results, device=device, model=model,
+                         precision=precision, suffix=backend.ENGINE_SUFFIX)
+    engine = Path(engine_path or artifact)
     info = {
         "device": device, "model": model, "precision": precision, "backend": d.backend,
         "backend_version": backend.version(), "host": platform.node(),
@@ -76,7 +82,7 @@ def build_engine(
         log.error("build FAILED: %s", err)
         write_json(record, info)
         return info
-    info.update(status="built", engine=str(engine), engine_sha256=sha256(engine),
+    info.update(status="built", engine=artifact, engine_sha256=sha256(engine),
                 engine_bytes=engine.stat().st_size, **meta)
     write_json(record, info)
     log.info("build done in %.2f s: %s (%d bytes)", meta.get("build_seconds", 0), engine, info["engine_bytes"])

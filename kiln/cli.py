@@ -13,7 +13,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a config file and list its model x device x precision jobs")
     check.add_argument("configfile", nargs="?", default="config.yaml")
+    from kiln import lock
+
+    lock.add_commands(sub)  # `kiln lock`, `kiln verify`
+    from kiln import compare
+
+    compare.add_command(sub)  # `kiln compare OLD NEW`
     args = parser.parse_args(argv)
+    if args.command in ("lock", "verify"):
+        return lock.run_command(args)
+    if args.command == "compare":
+        return compare.run_command(args)
 
     from kiln.config import load_file
     from kiln.workflow import buildable, runnable

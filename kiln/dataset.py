@@ -51,6 +51,8 @@ def prepare(spec: DatasetSpec, split: str, out: str | Path) -> Path:
         shutil.rmtree(out.parent, ignore_errors=True)
         os.replace(tmp, out.parent)
         return out
+    # images/ stays empty (a declared output): the annotations name the dataset's own image folder.
+    (out.parent / "images").mkdir(parents=True, exist_ok=True)
     if split == "calib":
         return _calib_from_folder(spec, out)
     return _val_from_coco(spec, out)

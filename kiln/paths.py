@@ -7,6 +7,8 @@ format them with concrete values. Nothing else builds artifact paths.
 from __future__ import annotations
 
 DATASET = "{results}/data/{dataset}/{split}/annotations.json"
+# Generated images of a split (empty for a dataset on disk: its annotations name its own image folder).
+DATASET_IMAGES = "{results}/data/{dataset}/{split}/images"
 INPUTS = "{results}/inputs/{model}/{split}.npz"
 EXPORT = "{results}/onnx/{model}/opset{opset}/export.onnx"
 SIMPLIFIED = "{results}/onnx/{model}/opset{opset}/simplified.onnx"
@@ -19,17 +21,48 @@ CALIB_LIST = "{results}/onnx/{model}/opset{opset}/{precision}.calib.txt"
 REFERENCE = "{results}/reference/{model}/opset{opset}/outputs.npz"
 REFERENCE_RECORD = "{results}/reference/{model}/opset{opset}/reference.json"
 ENGINE_RECORD = "{results}/engines/{device}/{model}/{precision}/engine.json"
-ENGINE_FILE = "{results}/engines/{device}/{model}/{precision}/model{suffix}"
+# One name for every backend (ONNX Runtime's engine is an ONNX file): the build rule declares it as an
+# output, so it goes to storage with the record (README: Building on devices). {suffix} is accepted, unused.
+ENGINE_FILE = "{results}/engines/{device}/{model}/{precision}/model.engine"
 VALIDATION = "{results}/validation/{device}/{model}/{precision}/validation.json"
+PICTURE = "{results}/validation/{device}/{model}/{precision}/detections_{image_id}.png"
+BASELINE = "{results}/baseline/{device}/{model}.json"
 SUMMARY_JSON = "{results}/report/summary.json"
 SUMMARY_CSV = "{results}/report/summary.csv"
 SUMMARY_MD = "{results}/report/summary.md"
+# Kiln's comparison page and its figures (folders: across a model's devices, and per device).
+PAGE_HTML = "{results}/report/kiln.html"
+PAGE_MD = "{results}/report/kiln.md"
+MODEL_PLOTS = "{results}/report/plots/models"
+DEVICE_PLOTS = "{results}/report/plots/devices"
+MODEL_PLOT = MODEL_PLOTS + "/{model}/{plot}.png"
+DEVICE_PLOT = DEVICE_PLOTS + "/{model}/{device}/{plot}.png"
+DEVICE_PICTURE = DEVICE_PLOTS + "/{model}/{device}/{plot}.jpg"  # detection pictures side by side (photos: JPEG)
 LOG = "{results}/logs/{rule}/{name}.log"
 
 
 def fmt(pattern: str, **values) -> str:
     """Fill a pattern completely; a missing value is a programming error, so KeyError is right."""
     return pattern.format(**values)
+
+
+def local_copies(files) -> callable:
+    """Map artifact paths to the files a job was given for them.
+
+    With a default storage provider (README: Building on devices) a job's inputs are local copies
+    whose paths end with the artifact path (.snakemake/storage/fs/<prefix>/results/...); without
+    one they are the artifact paths themselves. Paths that are not among `files` map to themselves.
+    """
+    given = [str(f) for f in files]
+
+    def local(path: str) -> str:
+        path = str(path)
+        for f in given:
+            if f == path or f.endswith("/" + path.lstrip("./")):
+                return f
+        return path
+
+    return local
 
 
 def partial(pattern: str, **values) -> str:

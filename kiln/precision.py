@@ -342,13 +342,15 @@ def make_variant(
             )
 
         variant = onnx.load(str(out))
+        _canonical_value_info(variant.graph)
         _verify(src, model, variant, options)
         record.update(_summary(model, variant))
         record["output_sigmoids"] = _sigmoid_report(variant, sigmoids)
         _warn_about_result(record, options, log)
         record["modelopt_warnings"] = capture.warnings
         record["modelopt_noise_suppressed"] = capture.suppressed
-        _atomic_copy(out, dst)
+        # The canonical proto, not ModelOpt's file: same bytes for the same input on every run.
+        _atomic_write(variant.SerializeToString(), dst)
 
     record["size_bytes"] = dst.stat().st_size
     record["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -427,6 +429,24 @@ def _name_nodes(model: onnx.ModelProto) -> None:
                 name = f"{base}_{k}"
             n.name = name
         used.add(n.name)
+
+
+def _canonical_value_info(graph: onnx.GraphProto) -> None:
+    """Sort value_info by name, in subgraphs too, so a variant's bytes do not depend on the hash seed.
+
+    AutoCast collects the tensors to cast in a Python set (``list(set(cast_to_fp16) - initializers)``
+    in ModelOpt 0.47's precisionconverter) and appends their value_info in that order, which changes
+    with PYTHONHASHSEED from one process to the next. value_info order carries no meaning; nodes stay
+    as ModelOpt sorted them.
+    """
+    graph.value_info.sort(key=lambda v: v.name)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _canonical_value_info(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _canonical_value_info(g)
 
 
 def _anchor(name: str) -> str:
@@ -993,8 +1013,13 @@ def variant_for_rule(
     record: str | Path,
     calib_npz: str | Path | None = None,
     calib_list: str | Path | None = None,
+    annotations: str | Path | None = None,
 ) -> dict:
-    """Make one variant for the workflow: calibration data from the preprocessed calib split."""
+    """Make one variant for the workflow: calibration data from the preprocessed calib split.
+
+    `annotations` is the calib split's annotations.json as the rule was given it (a local copy
+    under a storage provider); by default the artifact path under cfg.results.
+    """
     from kiln.inputs import load as load_inputs
     from kiln.util import atomic_path, write_json
 
@@ -1005,7 +1030,7 @@ def variant_for_rule(
         data = load_inputs(calib_npz)
         n = min(len(data), spec.calibration["images"])
         calib = data.feeds(spec, 0, n)
-        names = _calib_file_names(cfg, spec, data.image_ids[:n])
+        names = _calib_file_names(cfg, spec, data.image_ids[:n], annotations)
         with atomic_path(calib_list) as tmp:
             tmp.write_text("".join(f"{name}\n" for name in names))
     logger = logging.getLogger(__name__)
@@ -1017,12 +1042,12 @@ def variant_for_rule(
     return info
 
 
-def _calib_file_names(cfg, spec, image_ids) -> list[str]:
+def _calib_file_names(cfg, spec, image_ids, ann=None) -> list[str]:
     """File names of the calibration images, in the order they were fed."""
     import json
 
     from kiln import paths
 
-    ann = paths.fmt(paths.DATASET, results=cfg.results, dataset=spec.dataset, split="calib")
+    ann = ann or paths.fmt(paths.DATASET, results=cfg.results, dataset=spec.dataset, split="calib")
     by_id = {im["id"]: im["file_name"] for im in json.loads(Path(ann).read_text())["images"]}
     return [by_id[int(i)] for i in image_ids]

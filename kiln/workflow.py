@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import sys
 
 from kiln import backends, paths
@@ -31,11 +33,48 @@ def select_devices(config: dict, config_files: list[str]) -> dict:
     return {**config, "devices": {n: defined[n] for n in names}}
 
 
+# Per-run switches given as `--config KEY=VALUE`: not part of the config schema, so taken out of it.
+RUN_OPTIONS = {"gather": False}
+
+
+def run_options(config: dict) -> dict:
+    """Take Kiln's run switches out of `config` (in place) and return them.
+
+    `gather=true`: the summary has every device's rows; this host makes the ones it can, the
+    others come from storage or from the executor's nodes (README: Building on devices).
+    """
+    opts = {}
+    for key, default in RUN_OPTIONS.items():
+        value = config.pop(key, default)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise KilnError(f"--config {key}={value}: use {key}=true or {key}=false")
+        opts[key] = value
+    return opts
+
+
+def run_options_or_exit(config: dict) -> dict:
+    """run_options(), a mistake printed as one line like load_or_exit's."""
+    try:
+        return run_options(config)
+    except KilnError as err:
+        print(f"kiln: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def load_or_exit(config: dict, config_files: list[str]) -> KilnConfig:
-    """Check the config before any job runs; on a mistake print one line and stop (no traceback)."""
+    """Check the config before any job runs; on a mistake print one line and stop (no traceback).
+
+    `--config devices=a,b` is resolved in `config` itself, so that jobs, which read the
+    workflow's config, see the chosen devices' definitions rather than the string.
+    """
     try:
         check_files_unique(config_files)
-        return load(select_devices(config, config_files), base=".")
+        chosen = select_devices(config, config_files)
+        if chosen is not config:
+            config["devices"] = chosen["devices"]
+        return load(config, base=".")
     except KilnError as err:
         print(f"kiln: {err}", file=sys.stderr)
         # os._exit-free: SystemExit from a Snakefile ends Snakemake with this status, quietly.
@@ -70,6 +109,79 @@ def build_only_targets(cfg: KilnConfig, run: dict[str, str | None], build: dict[
     ]
 
 
+def summary_records(cfg: KilnConfig, run: dict[str, str | None], build: dict[str, str | None]) -> list[str]:
+    """Simplify and variant records of the rows that have an engine (the summary quotes them)."""
+    out: dict[str, None] = {}
+    for dev, m, p in cfg.jobs():
+        if build[dev] is not None:
+            continue
+        d = cfg.devices[dev]
+        src = backends.get(d.backend).source_precision(p, d)
+        out[paths.fmt(paths.SIMPLIFY_RECORD, results=cfg.results, model=m, opset=d.opset)] = None
+        out[paths.fmt(paths.VARIANT_RECORD, results=cfg.results, model=m, opset=d.opset, precision=src)] = None
+    return list(out)
+
+
+# --------------------------------------------------------------------------- several hosts (README: Building on devices)
+
+
+def everywhere(cfg: KilnConfig) -> dict[str, None]:
+    """What `gather=true` puts in place of buildable()/runnable(): every device is made somewhere."""
+    return dict.fromkeys(cfg.devices)
+
+
+def artifact_targets(cfg: KilnConfig) -> list[str]:
+    """Everything device hosts build and validate from, for every device of the config: the ONNX
+    variant each engine is built from, calibration inputs where a build calibrates, the fp32
+    references, validation inputs and annotations (rule `artifacts`, on the build host)."""
+    from kiln import build
+
+    out: dict[str, None] = {}
+    R = cfg.results
+    for dev, m, p in cfg.jobs():
+        d = cfg.devices[dev]
+        src = backends.get(d.backend).source_precision(p, d)
+        out[paths.fmt(paths.VARIANT, results=R, model=m, opset=d.opset, precision=src)] = None
+        if build.needs_calibration(cfg, dev, p):
+            out[paths.fmt(paths.INPUTS, results=R, model=m, split="calib")] = None
+        out[paths.fmt(paths.REFERENCE, results=R, model=m, opset=d.opset)] = None
+        out[paths.fmt(paths.REFERENCE_RECORD, results=R, model=m, opset=d.opset)] = None
+        out[paths.fmt(paths.INPUTS, results=R, model=m, split="val")] = None
+        out[paths.fmt(paths.DATASET, results=R, dataset=cfg.models[m].dataset, split="val")] = None
+    return list(out)
+
+
+def missing_elsewhere(
+    cfg: KilnConfig, run: dict[str, str | None], build: dict[str, str | None], exists
+) -> dict[str, tuple[str, list[str]]]:
+    """Devices this host cannot build or run whose validations `exists` does not find.
+
+    Returns device -> (why this host cannot, missing validation files).
+    """
+    missing: dict[str, tuple[str, list[str]]] = {}
+    for dev, m, p in cfg.jobs():
+        why = run[dev] or build[dev]
+        if why is None:
+            continue
+        path = paths.fmt(paths.VALIDATION, results=cfg.results, device=dev, model=m, precision=p)
+        if not exists(path):
+            missing.setdefault(dev, (why, []))[1].append(path)
+    return missing
+
+
+def missing_message(missing: dict[str, tuple[str, list[str]]]) -> str:
+    """One paragraph per device: what is missing, why this host cannot make it, what to run where."""
+    lines = ["kiln: gather: these devices' validations are not in storage yet, and this host cannot make them:"]
+    for dev, (why, files) in missing.items():
+        lines.append(
+            f"  device '{dev}': {len(files)} missing (e.g. {files[0]}); not here: {why}. "
+            f"On a host with device '{dev}', run first: snakemake engines --config devices={dev} "
+            f"(same --configfile and storage options), then gather again."
+        )
+    lines.append("  (README: Building on devices)")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- resources and routing
 
 # Runtimes (minutes) and memory (MiB) each rule asks a cluster for; generous for the demo's sizes.
@@ -85,7 +197,14 @@ RULE_RESOURCES = {
     "build": {"mem_mb": 16000, "runtime": 120},
     "validate": {"mem_mb": 16000, "runtime": 60},
     "summary": {"mem_mb": 2000, "runtime": 10},
+    "page": {"mem_mb": 2000, "runtime": 10},
 }
+
+
+def on_device(cfg: KilnConfig, device: str, rule: str) -> bool:
+    """Whether a job of `rule` for `device` must run on the device: validations always; builds
+    unless the backend builds ahead of time on any host (TensorRT-RTX)."""
+    return rule == "validate" or cfg.devices[device].backend != "tensorrt-rtx"
 
 
 def needs_gpu(cfg: KilnConfig, device: str, rule: str) -> int:
@@ -98,8 +217,61 @@ def needs_gpu(cfg: KilnConfig, device: str, rule: str) -> int:
     return 1
 
 
-def cluster_hint(cfg: KilnConfig, device: str, rule: str, key: str) -> str:
-    """A device's cluster hint (partition, constraint, gres, gpu_model) for jobs that run on it, else ''."""
-    if not needs_gpu(cfg, device, rule):
-        return ""
-    return str(cfg.devices[device].cluster.get(key, ""))
+# `cluster.gres` naming GPUs, e.g. "gpu", "gpu:2", "gpu:h100:1".
+_GPU_GRES = re.compile(r"^gpu(?::(?P<type>[A-Za-z0-9_.-]+?))??(?::(?P<count>\d+))?$")
+
+
+def _gpu_gres(cfg: KilnConfig, device: str) -> re.Match | None:
+    return _GPU_GRES.match(str(cfg.devices[device].cluster.get("gres", "")).strip())
+
+
+def gpu_count(cfg: KilnConfig, device: str, rule: str) -> int:
+    """The `gpu` resource of a job: needs_gpu, times the count of a `cluster.gres` like gpu:h100:2."""
+    n = needs_gpu(cfg, device, rule)
+    m = _gpu_gres(cfg, device)
+    return n * int(m["count"]) if n and m and m["count"] else n
+
+
+def cluster_hint(cfg: KilnConfig, device: str, rule: str, key: str, default: str | None = None) -> str | None:
+    """A device's cluster hint for one job as a Snakemake resource value; None leaves it unset.
+
+    partition and constraint place jobs that run on the device (on_device), GPU or not (a CPU
+    device's latency is measured on that CPU); gres and gpu_model only go with jobs that need a
+    GPU, so CPU stages never ask for one. A gres naming GPUs (gpu:h100:1) becomes gpu_model
+    (h100) plus the `gpu` count: the SLURM executor turns those into --gpus=h100:1, and
+    sbatch refuses --gres=gpu:h100:1 next to the --gpus it adds for `gpu`. `default` (the
+    profile's default-resources value) applies where no hint does: a rule's resource replaces
+    the default for all its jobs.
+    """
+    hints = cfg.devices[device].cluster
+    value = None
+    if key in ("partition", "constraint"):
+        value = hints.get(key) if on_device(cfg, device, rule) else None
+    elif needs_gpu(cfg, device, rule):
+        gres = _gpu_gres(cfg, device)
+        if key == "gres":
+            value = None if gres else hints.get("gres")
+        elif key == "gpu_model":
+            value = hints.get("gpu_model") or (gres["type"] if gres else None)
+    value = str(value).strip() if value is not None else ""
+    return value or default or None
+
+
+def default_resource(defaults, name: str) -> str | None:
+    """The value `--default-resources NAME=VALUE` (or a profile's default-resources) gives, as text.
+
+    `defaults` is workflow.resource_settings.default_resources (None when none were given).
+    """
+    if defaults is None:
+        return None
+    try:
+        raw = defaults.get(name).raw
+    except Exception:  # noqa: BLE001 - an unfamiliar Snakemake structure: no default
+        return None
+    if raw is None or raw == "":
+        return None
+    try:
+        value = ast.literal_eval(raw) if isinstance(raw, str) else raw
+    except (ValueError, SyntaxError):
+        value = raw  # Snakemake takes a bare word as a string too
+    return str(value) if value not in (None, "") else None

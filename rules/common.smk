@@ -8,10 +8,19 @@ from kiln import build as kiln_build, dataset as kiln_dataset, export as kiln_ex
 from kiln import inputs as kiln_inputs, precision as kiln_precision, reference as kiln_reference
 from kiln import simplify as kiln_simplify, surgery as kiln_surgery, validate as kiln_validate
 
+RUN = kiln_workflow.run_options_or_exit(config)  # --config gather=true (rules/hosts.smk)
 KILN = kiln_workflow.load_or_exit(config, workflow.configfiles)
 # What this host can do per device: build engines, and run them (validate).
 CAN_BUILD = kiln_workflow.buildable(KILN)
 CAN_RUN = kiln_workflow.runnable(KILN)
+# gather=true: every device's rows; what this host cannot make comes from storage or from the
+# executor's nodes (rules/hosts.smk, README: Building on devices). HOST_CAN_* keep this host's own.
+HOST_CAN_BUILD, HOST_CAN_RUN = CAN_BUILD, CAN_RUN
+if RUN["gather"]:
+    CAN_BUILD = CAN_RUN = kiln_workflow.everywhere(KILN)
+# The profile's default partition, for build/validate jobs no device hint places: a rule's
+# resource replaces the default-resources value for all of the rule's jobs.
+DEFAULT_PARTITION = kiln_workflow.default_resource(workflow.resource_settings.default_resources, "slurm_partition")
 
 
 def P(pattern, **values):
@@ -35,8 +44,8 @@ def device_code(stage):
     )
 
 
-def dataset_of(model, split):
-    return P(paths.DATASET, dataset=KILN.models[model].dataset, split=split)
+def dataset_of(model, split, pattern=paths.DATASET):
+    return P(pattern, dataset=KILN.models[model].dataset, split=split)
 
 
 def engine_source(w):
@@ -48,3 +57,7 @@ def engine_source(w):
 
 def summary_targets():
     return [P(paths.SUMMARY_JSON), P(paths.SUMMARY_CSV), P(paths.SUMMARY_MD)]
+
+
+def page_targets():
+    return [P(paths.PAGE_HTML), P(paths.PAGE_MD)]

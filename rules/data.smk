@@ -4,6 +4,8 @@
 rule dataset:
     output:
         P(paths.DATASET),
+        # Declared, so the images go to storage with the annotations (README: Building on devices).
+        images=directory(P(paths.DATASET_IMAGES)),
     log:
         LOG("dataset", "{dataset}_{split}"),
     params:
@@ -22,6 +24,7 @@ rule dataset:
 rule inputs:
     input:
         annotations=lambda w: dataset_of(w.model, w.split),
+        images=lambda w: dataset_of(w.model, w.split, paths.DATASET_IMAGES),
     output:
         P(paths.INPUTS),
     log:

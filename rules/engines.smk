@@ -34,6 +34,8 @@ rule build:
         ),
     output:
         P(paths.ENGINE_RECORD),
+        # Declared, so it goes to storage with its record (README: Building on devices).
+        engine=P(paths.ENGINE_FILE),
     log:
         LOG("build", "{device}_{model}_{precision}"),
     params:
@@ -43,8 +45,8 @@ rule build:
     resources:
         mem_mb=kiln_workflow.RULE_RESOURCES["build"]["mem_mb"],
         runtime=kiln_workflow.RULE_RESOURCES["build"]["runtime"],
-        gpu=lambda w: kiln_workflow.needs_gpu(KILN, w.device, "build"),
-        slurm_partition=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "partition"),
+        gpu=lambda w: kiln_workflow.gpu_count(KILN, w.device, "build"),
+        slurm_partition=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "partition", DEFAULT_PARTITION),
         constraint=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "constraint"),
         gres=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "gres"),
         gpu_model=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "gpu_model"),
@@ -58,10 +60,13 @@ rule build:
 rule validate:
     input:
         engine=P(paths.ENGINE_RECORD),
+        engine_file=P(paths.ENGINE_FILE),
         reference=lambda w: P(paths.REFERENCE, model=w.model, opset=KILN.devices[w.device].opset),
         reference_record=lambda w: P(paths.REFERENCE_RECORD, model=w.model, opset=KILN.devices[w.device].opset),
         inputs=P(paths.INPUTS, split="val"),
         annotations=lambda w: dataset_of(w.model, "val"),
+        images=lambda w: dataset_of(w.model, "val", paths.DATASET_IMAGES),  # pictures, pipeline latency
+        baseline=P(paths.BASELINE),
     output:
         P(paths.VALIDATION),
     log:
@@ -74,8 +79,8 @@ rule validate:
     resources:
         mem_mb=kiln_workflow.RULE_RESOURCES["validate"]["mem_mb"],
         runtime=kiln_workflow.RULE_RESOURCES["validate"]["runtime"],
-        gpu=lambda w: kiln_workflow.needs_gpu(KILN, w.device, "validate"),
-        slurm_partition=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "partition"),
+        gpu=lambda w: kiln_workflow.gpu_count(KILN, w.device, "validate"),
+        slurm_partition=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "partition", DEFAULT_PARTITION),
         constraint=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "constraint"),
         gres=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "gres"),
         gpu_model=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "gpu_model"),

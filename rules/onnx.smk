@@ -3,7 +3,8 @@
 
 rule export:
     input:
-        checkpoint=lambda w: KILN.models[w.model].checkpoint,
+        # local(): read from this host's disk even with a default storage provider.
+        checkpoint=lambda w: local(KILN.models[w.model].checkpoint),
     output:
         P(paths.EXPORT),
     log:

@@ -1,13 +1,19 @@
-# The run's summary: one row per model x device x precision.
+# The run's summary (one row per model x device x precision) and Kiln's comparison page.
+# Outputs marked report() go into `snakemake --report`: captions in report/, one category per model.
 
 
 rule summary:
     input:
         validations=kiln_workflow.validation_targets(KILN, CAN_RUN, CAN_BUILD),
         built_only=kiln_workflow.build_only_targets(KILN, CAN_RUN, CAN_BUILD),
+        # The simplify and variant records its rows quote: inputs, so they come from storage too.
+        records=kiln_workflow.summary_records(KILN, CAN_RUN, CAN_BUILD),
+        gathered=gathered,  # no files: gather=true checks storage first (rules/hosts.smk)
+    # On the host that runs Snakemake: its params say what this host can do.
+    localrule: True
     output:
         json=P(paths.SUMMARY_JSON),
-        csv=P(paths.SUMMARY_CSV),
+        csv=report(P(paths.SUMMARY_CSV), caption="../report/summary.rst", category="Summary", labels={"file": "summary table"}),
         md=P(paths.SUMMARY_MD),
     log:
         LOG("summary", "summary"),
@@ -23,3 +29,44 @@ rule summary:
         "../envs/kiln.yaml"
     script:
         "../scripts/summary.py"
+
+
+rule page:
+    input:
+        summary=P(paths.SUMMARY_JSON),
+        validations=kiln_workflow.validation_targets(KILN, CAN_RUN, CAN_BUILD),
+        # Every engine record the summary's rows stand for (their build metadata is on the page).
+        engines=[P(paths.ENGINE_RECORD, device=d, model=m, precision=p) for d, m, p in KILN.jobs() if CAN_BUILD[d] is None],
+    # Beside the summary, on the host that runs Snakemake.
+    localrule: True
+    output:
+        html=report(P(paths.PAGE_HTML), caption="../report/page.rst", category="Summary", labels={"file": "Kiln page"}),
+        md=P(paths.PAGE_MD),
+        model_plots=report(
+            directory(P(paths.MODEL_PLOTS)),
+            patterns=["{model}/{plot}.png"],
+            caption="../report/plot.rst",
+            category="{model}",
+            subcategory="all devices",
+            labels={"figure": "{plot}"},
+        ),
+        device_plots=report(
+            directory(P(paths.DEVICE_PLOTS)),
+            patterns=["{model}/{device}/{plot}.png", "{model}/{device}/{plot}.jpg"],
+            caption="../report/plot.rst",
+            category="{model}",
+            subcategory="{device}",
+            labels={"figure": "{plot}"},
+        ),
+    log:
+        LOG("page", "page"),
+    params:
+        code=code("kiln.report.page"),
+    threads: 1
+    resources:
+        mem_mb=kiln_workflow.RULE_RESOURCES["page"]["mem_mb"],
+        runtime=kiln_workflow.RULE_RESOURCES["page"]["runtime"],
+    conda:
+        "../envs/kiln.yaml"
+    script:
+        "../scripts/page.py"

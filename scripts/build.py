@@ -6,5 +6,8 @@ from kiln.entry import script
 with script(snakemake) as cfg:  # noqa: F821
     w = snakemake.wildcards
     calib = snakemake.input.calib[0] if snakemake.input.calib else None
-    build_engine(cfg, w.device, w.model, w.precision, snakemake.input.onnx, snakemake.output[0], snakemake.threads,
-                 calib_npz=calib)
+    info = build_engine(cfg, w.device, w.model, w.precision, snakemake.input.onnx, snakemake.output[0],
+                        snakemake.threads, calib_npz=calib, engine_path=snakemake.output.engine)
+    if info["status"] != "built":
+        # The engine is a declared output (it goes to storage): empty when the build failed; the record says why.
+        open(snakemake.output.engine, "wb").close()

@@ -8,4 +8,5 @@ with script(snakemake) as cfg:  # noqa: F821
     variant_for_rule(
         cfg, w.model, w.precision, snakemake.input.onnx, snakemake.output.onnx, snakemake.output.record,
         calib_npz=snakemake.input.calib, calib_list=snakemake.output.calib_list,
+        annotations=snakemake.input.annotations,
     )

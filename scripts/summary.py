@@ -5,4 +5,5 @@ from kiln.summary import write_summary
 
 with script(snakemake) as cfg:  # noqa: F821
     o = snakemake.output
-    write_summary(cfg, o.json, o.csv, o.md, snakemake.params.cannot_build, snakemake.params.cannot_run)
+    write_summary(cfg, o.json, o.csv, o.md, snakemake.params.cannot_build, snakemake.params.cannot_run,
+                  inputs=list(snakemake.input))

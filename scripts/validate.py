@@ -6,4 +6,5 @@ from kiln.validate import validate
 with script(snakemake) as cfg:  # noqa: F821
     w, i = snakemake.wildcards, snakemake.input
     validate(cfg, w.device, w.model, w.precision, i.engine, i.reference, i.reference_record, i.inputs,
-             i.annotations, snakemake.output[0], threads=snakemake.threads)
+             i.annotations, snakemake.output[0], threads=snakemake.threads, baseline=getattr(i, "baseline", None),
+             engine_file=i.engine_file)

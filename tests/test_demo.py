@@ -133,7 +133,7 @@ def test_nms_suppresses_same_class_only() -> None:
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [1, 1, 11, 11], [50, 50, 60, 60]], np.float32)
     scores = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
     labels = np.array([0, 0, 1, 0])
-    assert nms(boxes, scores, 0.6).tolist() == [0, 2, 3]  # class-agnostic: 1 and 2 overlap 0
+    assert nms(boxes, scores, 0.6).tolist() == [0, 3]  # class-agnostic: 1 and 2 overlap 0 (IoU 0.68)
     assert batched_nms(boxes, scores, labels, 0.6).tolist() == [0, 2, 3]
     assert batched_nms(boxes, scores, labels, 0.7).tolist() == [0, 1, 2, 3]  # IoU 0.68 < 0.7
     assert batched_nms(boxes, scores, labels, 0.6, max_det=2).tolist() == [0, 2]

@@ -63,6 +63,8 @@ def test_summary_has_a_row_per_model_device_precision(run):
         assert 0.0 <= r["map50"] <= 1.0 and 0.0 <= r["map50_95"] <= r["map50"]
         assert r["latency_median_ms"] > 0 and r["throughput_ips"] > 0
         assert r["latency_p99_ms"] >= r["latency_median_ms"] >= 0
+        # End-to-end pipeline latency, and the PyTorch eager baseline on the same CPU.
+        assert r["pipeline_median_ms"] > 0 and r["pytorch_latency_median_ms"] > 0 and r["speedup_vs_pytorch"] > 0
     # fp32 through ONNX Runtime's optimizer stays numerically the reference.
     assert rows[("yolo_demo", "cpu", "fp32")]["parity_min_cosine"] > 0.9999
     assert rows[("yolo_demo", "cpu", "fp32")]["map50_drop"] == pytest.approx(0.0, abs=1e-3)
@@ -89,6 +91,10 @@ def test_artifacts_are_real_variants(run):
     assert set(v["parity"]["outputs"]) == {"labels", "boxes", "scores"} and "detections" in v["parity"]
     assert [lat["batch_size"] for lat in v["latency"]] == [1]
     assert v["latency"][0]["iterations"] >= 5
+    assert [p["batch_size"] for p in v["pipeline"]] == [1]
+    assert set(v["pipeline"][0]["phases"]) == {"preprocess", "engine", "postprocess"}
+    assert len(v["pictures"]) == 4 and all((work / p).is_file() for p in v["pictures"])
+    assert read_json(work / "results/baseline/cpu/rtdetr_demo.json")["status"] == "measured"
 
 
 def test_rtx_engines_are_plain_plans_with_sidecars(run):

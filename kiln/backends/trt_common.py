@@ -829,41 +829,463 @@ def build_plan(
 
 # --------------------------------------------------------------------------------------------------
 # Running
+#
+# Engines run through the TensorRT (or TensorRT-RTX) runtime directly, with cuda-python
+# (``cuda.bindings.runtime``) for streams, memory, events and CUDA graphs: the latency measurement
+# needs the H2D copies, the engine's enqueue and the D2H copies as separate steps on one stream, and
+# CUDA graphs around the enqueue, which Polygraphy's TrtRunner does not expose. Polygraphy still
+# loads the engine (its logs carry TensorRT's reasons when deserializing fails).
+
+# Host storage of each TensorRT data type: numpy dtype holding its bits, and bits per element.
+# bf16 travels as uint16 bit patterns and fp8 (E4M3) as uint8 codes; the runner converts them.
+TRT_STORAGE: dict[str, tuple[str | None, int]] = {
+    "FLOAT": ("float32", 32), "HALF": ("float16", 16), "BF16": ("uint16", 16), "INT8": ("int8", 8),
+    "INT32": ("int32", 32), "INT64": ("int64", 64), "BOOL": ("bool", 8), "UINT8": ("uint8", 8),
+    "FP8": ("uint8", 8), "E8M0": ("uint8", 8), "INT4": (None, 4), "FP4": (None, 4),
+}
+
+
+def _fp8_e4m3_table():
+    """float32 value of each of the 256 FP8 E4M3FN codes (bias 7, no infinities, S.1111.111 is NaN)."""
+    import numpy as np
+
+    codes = np.arange(256)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exp = (codes >> 3) & 0xF
+    man = codes & 0x7
+    value = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
+    value = sign * value
+    value[(exp == 0xF) & (man == 0x7)] = np.nan
+    return value.astype(np.float32)
+
+
+def to_storage(array, dtype: str):
+    """A feed as the contiguous host bits of TensorRT type ``dtype`` (a DataType member name)."""
+    import numpy as np
+
+    storage, _ = TRT_STORAGE.get(dtype, (None, 0))
+    if storage is None:
+        raise KilnError(f"engine I/O of type {dtype} is not supported by Kiln's runner: keep the model's "
+                        f"inputs and outputs in fp32, fp16, bf16, fp8 or an integer type")
+    a = np.asarray(array)
+    if dtype == "BF16":
+        f = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+        rounded = ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest, ties to even
+        nan = np.isnan(a.astype(np.float32))
+        return np.where(nan, np.uint16(0x7FC0), rounded).astype(np.uint16)
+    if dtype == "FP8":
+        table = _fp8_e4m3_table()
+        finite = np.flatnonzero(np.isfinite(table))
+        order = finite[np.argsort(table[finite], kind="stable")]
+        values = table[order]
+        x = np.clip(np.ascontiguousarray(a, dtype=np.float32), -448.0, 448.0)  # E4M3FN saturates at 448
+        hi = np.clip(np.searchsorted(values, x), 1, len(values) - 1)
+        lo = hi - 1
+        d_lo, d_hi = np.abs(x - values[lo]), np.abs(values[hi] - x)
+        # Nearest value; a tie goes to the code with an even mantissa.
+        pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & ((order[hi] & 1) == 0))
+        codes = np.where(pick_hi, order[hi], order[lo]).astype(np.uint8)
+        return np.where(np.isnan(a.astype(np.float32)), np.uint8(0x7F), codes).astype(np.uint8)
+    return np.ascontiguousarray(a, dtype=storage)
+
+
+def from_storage(raw, dtype: str):
+    """Host bits of TensorRT type ``dtype`` as a numpy array of the nearest numpy type (bf16, fp8 -> float32)."""
+    import numpy as np
+
+    if dtype == "BF16":
+        return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype == "FP8":
+        return _fp8_e4m3_table()[np.asarray(raw, dtype=np.uint8)]
+    return np.asarray(raw)
+
+
+def storage_nbytes(shape: Sequence[int], dtype: str) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return (n * TRT_STORAGE[dtype][1] + 7) // 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One I/O tensor of an engine: shape -1 where dynamic; (min, opt, max) per profile for inputs."""
+
+    name: str
+    is_input: bool
+    dtype: str
+    shape: tuple[int, ...]
+    profiles: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...] = ()
+
+
+def describe_io(engine: Any, trt: Any) -> list[TensorInfo]:
+    """The engine's I/O tensors in binding order, with their profile ranges."""
+    out = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+        profiles = ()
+        if is_input:
+            ranges = []
+            for k in range(max(1, engine.num_optimization_profiles)):
+                try:
+                    dims = [tuple(int(d) for d in x) for x in engine.get_tensor_profile_shape(name, k)]
+                except Exception:  # an input outside every profile (static shape)
+                    dims = []
+                if len(dims) != 3 or not all(dims):
+                    if any(d < 0 for d in shape):
+                        raise KilnError(f"engine input '{name}' has dynamic shape {list(shape)} but no profile {k}")
+                    dims = [shape, shape, shape]
+                ranges.append(tuple(dims))
+            profiles = tuple(ranges)
+        dtype = engine.get_tensor_dtype(name)
+        out.append(TensorInfo(name, is_input, getattr(dtype, "name", str(dtype)), shape, profiles))
+    return out
+
+
+def select_profile(tensors: Sequence[TensorInfo], shapes: dict[str, Sequence[int]]) -> int:
+    """The first optimization profile whose min..max range holds every input shape."""
+    inputs = [t for t in tensors if t.is_input]
+    missing = [t.name for t in inputs if t.name not in shapes]
+    if missing:
+        raise KilnError(f"no feed for engine input(s) {', '.join(missing)}")
+    count = max((len(t.profiles) for t in inputs), default=0)
+    for k in range(count):
+        fits = True
+        for t in inputs:
+            lo, _, hi = t.profiles[k]
+            shape = tuple(int(d) for d in shapes[t.name])
+            if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                fits = False
+                break
+        if fits:
+            return k
+    ranges = "; ".join(
+        f"profile {k}: " + ", ".join(f"{t.name} {list(t.profiles[k][0])}..{list(t.profiles[k][2])}" for t in inputs)
+        for k in range(count)
+    )
+    given = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
+    raise KilnError(f"input shapes {given} fit none of the engine's optimization profiles ({ranges}): "
+                    f"time batch sizes within them, or rebuild with 'devices.<d>.profiles' covering them")
+
+
+def max_batch_of(tensors: Sequence[TensorInfo]) -> int | None:
+    """Largest batch (axis 0) every input accepts in some profile; None for a static batch axis."""
+    inputs = [t for t in tensors if t.is_input and t.shape and t.shape[0] < 0]
+    if not inputs:
+        return None
+    count = min(len(t.profiles) for t in inputs)
+    return max(min(t.profiles[k][2][0] for t in inputs) for k in range(count)) if count else None
+
+
+class CudaRuntime:
+    """``cuda.bindings.runtime`` with its (error, values...) results checked: a failure is a KilnError."""
+
+    def __init__(self, cudart: Any = None):
+        if cudart is None:
+            try:
+                from cuda.bindings import runtime as cudart
+            except ImportError:
+                raise KilnError(
+                    "running TensorRT engines needs cuda-python: pip install 'cuda-bindings' of the driver's "
+                    "CUDA major (cuda-bindings 12.x or 13.x)"
+                ) from None
+        self.rt = cudart
+        self.ok = cudart.cudaError_t.cudaSuccess
+
+    def error_name(self, err: Any) -> str:
+        try:
+            _, text = self.rt.cudaGetErrorString(err)
+            text = text.decode() if isinstance(text, bytes) else str(text)
+        except Exception:
+            text = ""
+        return f"{getattr(err, 'name', err)}" + (f" ({text})" if text else "")
+
+    def __call__(self, fn: str, *args: Any) -> Any:
+        result = getattr(self.rt, fn)(*args)
+        err, rest = result[0], tuple(result[1:])
+        if err != self.ok:
+            raise KilnError(f"CUDA {fn} failed: {self.error_name(err)}")
+        return rest[0] if len(rest) == 1 else (rest or None)
+
+
+def capture_graph(rt: CudaRuntime, stream: Any, enqueue: Callable[[], Any]) -> tuple[Any | None, str | None]:
+    """Capture what ``enqueue()`` puts on ``stream`` into an executable CUDA graph.
+
+    Returns (graph exec, None), or (None, reason) when the work cannot be captured (an enqueue that
+    synchronizes, allocates, or returns False under capture); the stream is usable either way.
+    """
+    cudart = rt.rt
+    rt("cudaStreamBeginCapture", stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+    reason = None
+    try:
+        if enqueue() is False:
+            reason = "the enqueue returned False under stream capture"
+    except Exception as err:  # the runtime refuses an operation it cannot capture
+        reason = f"the enqueue failed under stream capture: {err}"
+    finally:
+        result = cudart.cudaStreamEndCapture(stream)  # always leave capture mode
+    err, graph = result[0], result[1]
+    if reason is None and err != rt.ok:
+        reason = f"cudaStreamEndCapture: {rt.error_name(err)}"
+    if reason is None:
+        ierr, graph_exec = cudart.cudaGraphInstantiate(graph, 0)[:2]
+        cudart.cudaGraphDestroy(graph)
+        if ierr == rt.ok:
+            return graph_exec, None
+        reason = f"cudaGraphInstantiate: {rt.error_name(ierr)}"
+    elif err == rt.ok and graph is not None:
+        cudart.cudaGraphDestroy(graph)
+    cudart.cudaGetLastError()  # clear the error the failed capture left
+    return None, reason
+
+
+class _Buffer:
+    """Device memory and pinned host memory of one tensor, grown when a larger shape needs it."""
+
+    def __init__(self, rt: CudaRuntime, nbytes: int):
+        self.rt = rt
+        self.nbytes = max(int(nbytes), 1)
+        self.device = rt("cudaMalloc", self.nbytes)
+        self.host = rt("cudaMallocHost", self.nbytes)
+
+    def host_bytes(self, nbytes: int):
+        import ctypes
+
+        import numpy as np
+
+        return np.frombuffer((ctypes.c_uint8 * max(nbytes, 1)).from_address(int(self.host)), dtype=np.uint8)[:nbytes]
+
+    def free(self) -> None:
+        if self.device is not None:
+            self.rt.rt.cudaFree(self.device)
+            self.rt.rt.cudaFreeHost(self.host)
+            self.device = self.host = None
 
 
 class TrtEngineRunner:
-    """A TensorRT / TensorRT-RTX engine behind kiln.backends.base.Runner, through Polygraphy's TrtRunner.
+    """A TensorRT / TensorRT-RTX engine behind kiln.backends.base.Runner, plus what latency needs.
 
-    Input shapes are set from each feed (TrtRunner does it when a shape changes), so any batch
-    within the engine's profile runs. Outputs are copied: TrtRunner reuses its buffers.
+    * Dynamic shapes: each feed's shape is set on the context and picks the first optimization
+      profile that holds it (several profiles are supported); output shapes follow.
+    * Any I/O dtype TensorRT has a host form for: fp32, fp16, int8/32/64, bool, uint8, and bf16 and
+      fp8 (converted from and to float32 on the host).
+    * CUDA graphs around the enqueue, on by default: captured after a plain enqueue for each new
+      input shape (TensorRT); TensorRT-RTX uses its runtime's built-in whole-graph capture. When an
+      engine cannot be captured the runner enqueues normally and says why (``graph_note``).
+    * ``query(feeds, mark)`` stages the feeds once in pinned memory and returns the step the latency
+      harness times: H2D copies, mark("h2d"), the engine's enqueue, mark("compute"), D2H copies,
+      mark("d2h"), all on ``stream`` (a ``cuda.bindings`` stream; ``cudart`` is its module).
     """
 
-    def __init__(self, flavor: str, engine_path: Path, device, threads: int = 0):
+    def __init__(self, flavor: str, engine_path: Path, device, threads: int = 0, cuda_graph: bool = True):
         from polygraphy.exception import PolygraphyException
 
+        rt = CudaRuntime()
         ns = polygraphy_trt(flavor)
-        trt = ns.trt
         try:
             with polygraphy_logs() as errors:
                 engine = ns.pg.engine_from_path(str(engine_path))
-                self._runner = ns.pg.TrtRunner(engine, name=f"kiln-{device.name}")
-                self._runner.activate()
+                if engine is None:
+                    raise PolygraphyException("the runtime returned no engine")
         except PolygraphyException as err:
             reasons = "; ".join(dict.fromkeys(errors)) or str(err)
             raise KilnError(f"{LABELS[flavor]} cannot load '{engine_path}': {reasons}".replace("\n", " ")) from None
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.input_names = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_names = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self._setup(ns.trt, engine, rt, flavor, cuda_graph)
+        self.engine_path = Path(engine_path)
 
-    def infer(self, feeds: dict[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def from_engine(cls, trt: Any, engine: Any, cudart: Any, flavor: str = "tensorrt",
+                    cuda_graph: bool = True) -> TrtEngineRunner:
+        """A runner over an already deserialized engine (and a given CUDA runtime module)."""
+        self = cls.__new__(cls)
+        self._setup(trt, engine, CudaRuntime(cudart), flavor, cuda_graph)
+        self.engine_path = None
+        return self
+
+    def _setup(self, trt: Any, engine: Any, rt: CudaRuntime, flavor: str, cuda_graph: bool) -> None:
+        self.trt, self.engine, self.rt, self.flavor = trt, engine, rt, flavor
+        self.cudart = rt.rt
+        self.tensors = describe_io(engine, trt)
+        self.input_names = tuple(t.name for t in self.tensors if t.is_input)
+        self.output_names = tuple(t.name for t in self.tensors if not t.is_input)
+        self._info = {t.name: t for t in self.tensors}
+        self.stream = rt("cudaStreamCreateWithFlags", self.cudart.cudaStreamNonBlocking)
+        self.graph_note: str | None = None
+        strategy = getattr(trt, "CudaGraphStrategy", None)
+        if cuda_graph and flavor == "tensorrt-rtx" and strategy is not None and hasattr(engine, "create_runtime_config"):
+            # TensorRT-RTX captures and replays graphs itself (per shape); a manual capture would need
+            # engines built with REQUIRE_USER_ALLOCATION.
+            config = engine.create_runtime_config()
+            config.cuda_graph_strategy = strategy.WHOLE_GRAPH_CAPTURE
+            self.context = engine.create_execution_context(runtime_config=config)
+            self.cuda_graph = "tensorrt-rtx runtime whole-graph capture"
+        else:
+            self.context = engine.create_execution_context()
+            self.cuda_graph = "stream capture" if cuda_graph else "off"
+        if self.context is None:
+            raise KilnError(f"{LABELS.get(flavor, flavor)} could not create an execution context (out of GPU memory?)")
+        self.profile = 0
+        self._buffers: dict[str, _Buffer] = {}
+        self._bound: tuple | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._graph: Any = None
+        self._graph_tried = False
+
+    # ---- shapes and memory
+
+    def max_batch(self) -> int | None:
+        return max_batch_of(self.tensors)
+
+    def _bind(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        key = tuple(shapes[n] for n in self.input_names if n in shapes)
+        if key == self._bound:
+            return
+        k = select_profile(self.tensors, shapes)
+        stream = int(self.stream)
+        if k != self.profile:
+            if not self.context.set_optimization_profile_async(k, stream):
+                raise KilnError(f"TensorRT refused optimization profile {k}")
+            self.rt("cudaStreamSynchronize", self.stream)
+            self.profile = k
+        for name in self.input_names:
+            if not self.context.set_input_shape(name, tuple(shapes[name])):
+                raise KilnError(f"TensorRT refused shape {list(shapes[name])} for input '{name}'")
+        bound = {n: tuple(shapes[n]) for n in self.input_names}
+        for name in self.output_names:
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise KilnError(f"output '{name}' has a data-dependent shape {list(shape)}, which Kiln's runner does "
+                                f"not support: export the model with fixed-size outputs (e.g. top-k)")
+            bound[name] = shape
+        for name, shape in bound.items():
+            need = storage_nbytes(shape, self._info[name].dtype)
+            buf = self._buffers.get(name)
+            if buf is None or buf.nbytes < need:
+                if buf is not None:
+                    buf.free()
+                buf = self._buffers[name] = _Buffer(self.rt, need)
+            if not self.context.set_tensor_address(name, int(buf.device)):
+                raise KilnError(f"TensorRT refused the address of tensor '{name}'")
+        self.shapes = bound
+        self._bound = key
+        # A captured graph holds the old shapes (and maybe addresses): capture again for these.
+        self._drop_graph()
+
+    def _stage(self, feeds: dict[str, Any]) -> None:
+        """Copy the feeds into pinned host memory, converted to the engine's input types."""
+        for name in self.input_names:
+            data = to_storage(feeds[name], self._info[name].dtype)
+            host = self._buffers[name].host_bytes(data.nbytes)
+            host[:] = data.reshape(-1).view("uint8")
+
+    def _copies(self, names: Sequence[str], kind: str) -> None:
+        cudart = self.cudart
+        direction = getattr(cudart.cudaMemcpyKind, kind)
+        for name in names:
+            buf = self._buffers[name]
+            n = storage_nbytes(self.shapes[name], self._info[name].dtype)
+            if kind == "cudaMemcpyHostToDevice":
+                self.rt("cudaMemcpyAsync", buf.device, buf.host, n, direction, self.stream)
+            else:
+                self.rt("cudaMemcpyAsync", buf.host, buf.device, n, direction, self.stream)
+
+    # ---- execution
+
+    def _drop_graph(self) -> None:
+        if self._graph is not None:
+            self.cudart.cudaGraphExecDestroy(self._graph)
+        self._graph = None
+        self._graph_tried = False
+
+    def _execute(self) -> Any:
+        return self.context.execute_async_v3(int(self.stream))
+
+    def _enqueue(self) -> None:
+        if self.cuda_graph == "stream capture":
+            if not self._graph_tried:
+                self._graph_tried = True
+                self.graph_note = None  # says why the graph of the current shapes could not be captured
+                # The first enqueue after a shape change may do work that cannot be captured.
+                if not self._execute():
+                    raise KilnError("TensorRT could not enqueue the engine (execute_async_v3 returned False)")
+                self.rt("cudaStreamSynchronize", self.stream)
+                capturable = getattr(self.context, "is_stream_capturable", None)
+                if capturable is not None and not capturable(int(self.stream)):
+                    self.graph_note = "the execution context reports the stream is not capturable"
+                else:
+                    self._graph, reason = capture_graph(self.rt, self.stream, self._execute)
+                    if reason:
+                        self.graph_note = reason
+                        log.warning("CUDA graph capture failed, enqueuing without graphs: %s", reason)
+            if self._graph is not None:
+                self.rt("cudaGraphLaunch", self._graph, self.stream)
+                return
+        if not self._execute():
+            raise KilnError("TensorRT could not enqueue the engine (execute_async_v3 returned False)")
+
+    def _shapes_of(self, feeds: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         import numpy as np
 
-        outs = self._runner.infer(feeds)
-        return {name: np.array(outs[name], copy=True) for name in self.output_names}
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise KilnError(f"no feed for engine input(s) {', '.join(missing)}")
+        return {n: tuple(int(d) for d in np.shape(feeds[n])) for n in self.input_names}
+
+    def infer(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run one batch: copy in, enqueue (through the CUDA graph when there is one), copy out, wait."""
+        self._bind(self._shapes_of(feeds))
+        self._stage(feeds)
+        self._copies(self.input_names, "cudaMemcpyHostToDevice")
+        self._enqueue()
+        self._copies(self.output_names, "cudaMemcpyDeviceToHost")
+        self.rt("cudaStreamSynchronize", self.stream)
+        out = {}
+        for name in self.output_names:
+            info, shape = self._info[name], self.shapes[name]
+            storage = TRT_STORAGE[info.dtype][0]
+            raw = self._buffers[name].host_bytes(storage_nbytes(shape, info.dtype)).copy().view(storage)
+            out[name] = from_storage(raw, info.dtype).reshape(shape)
+        return out
+
+    def query(self, feeds: dict[str, Any], mark: Callable[[str], None] = lambda name: None) -> Callable[[], None]:
+        """The step latency times for these feeds: H2D, engine, D2H on ``stream``, marked, not waited for."""
+        self.infer(feeds)  # binds shapes, stages the feeds, captures the graph, checks it runs
+
+        def step() -> None:
+            self._copies(self.input_names, "cudaMemcpyHostToDevice")
+            mark("h2d")
+            self._enqueue()
+            mark("compute")
+            self._copies(self.output_names, "cudaMemcpyDeviceToHost")
+            mark("d2h")
+
+        return step
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "runner": f"{LABELS.get(self.flavor, self.flavor)} execute_async_v3 on a cuda.bindings stream",
+            "optimization_profiles": self.engine.num_optimization_profiles,
+            "cuda_graph": self.cuda_graph if not self.graph_note else f"off ({self.graph_note})",
+            "io": [{"name": t.name, "input": t.is_input, "dtype": t.dtype, "shape": list(t.shape)}
+                   for t in self.tensors],
+        }
 
     def close(self) -> None:
-        if getattr(self, "_runner", None) is not None and self._runner.is_active:
-            self._runner.deactivate()
+        if getattr(self, "rt", None) is None:
+            return
+        with contextlib.suppress(Exception):
+            self.rt("cudaStreamSynchronize", self.stream)
+        self._drop_graph()
+        for buf in self._buffers.values():
+            buf.free()
+        self._buffers = {}
+        self.context = None
+        if getattr(self, "stream", None) is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+        self.rt = None
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

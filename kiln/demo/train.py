@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -488,10 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; see ``scripts/train_demo.py --help``."""
     ap = argparse.ArgumentParser(description="Train the Kiln demo detectors on the procedural shapes dataset (CPU).")
     ap.add_argument("--out-dir", type=Path, default=Path("models"), help="where checkpoints + demo_models.json go")
-    ap.add_argument("--data-dir", type=Path, default=Path("build/demo_data"), help="where the train/val splits are generated")
+    ap.add_argument(
+        "--data-dir", type=Path, default=None,
+        help="where the train/val splits are generated (default: a temporary directory, removed afterwards)",
+    )
     ap.add_argument("--train-images", type=int, default=2400)
-    ap.add_argument("--yolo-epochs", type=int, default=30)
-    ap.add_argument("--rtdetr-epochs", type=int, default=30)
+    ap.add_argument("--yolo-epochs", type=int, default=10)
+    ap.add_argument("--rtdetr-epochs", type=int, default=14)
     ap.add_argument("--models", default="yolo,rtdetr", help="comma list of models to train")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -507,8 +511,18 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     t_all = time.time()
-    train_ann = generate_split(args.data_dir / "train", "train", args.train_images, seed=0, image_size=IMAGE_SIZE)
-    val_ann = generate_split(args.data_dir / VAL_SPLIT[0], VAL_SPLIT[0], VAL_SPLIT[1], seed=VAL_SPLIT[2], image_size=IMAGE_SIZE)
+    with tempfile.TemporaryDirectory(prefix="kiln-demo-data-") as tmp:
+        # The data is deterministic (the workflow regenerates val/calib itself), so a
+        # throwaway directory loses nothing; it lives until training ends because
+        # evaluation reads the val annotations json.
+        data_dir = args.data_dir if args.data_dir is not None else Path(tmp)
+        return _run(args, data_dir, t_all, log)
+
+
+def _run(args: argparse.Namespace, data_dir: Path, t_all: float, log: Callable[[str], None]) -> int:
+    """Generate data, train the requested models, write checkpoints and the manifest."""
+    train_ann = generate_split(data_dir / "train", "train", args.train_images, seed=0, image_size=IMAGE_SIZE)
+    val_ann = generate_split(data_dir / VAL_SPLIT[0], VAL_SPLIT[0], VAL_SPLIT[1], seed=VAL_SPLIT[2], image_size=IMAGE_SIZE)
     train, val = load_split(train_ann), load_split(val_ann)
     log(f"data: {len(train.image_ids)} train / {len(val.image_ids)} val images ({time.time() - t_all:.0f}s)")
 
@@ -589,5 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
         log(f"[{name}] saved {ckpt} ({ckpt.stat().st_size / 1e6:.2f} MB) in {secs:.0f}s: {entry['val_metrics']}")
+    manifest["total_wall_seconds"] = round(time.time() - t_all, 1)
+    if wanted:
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"done in {time.time() - t_all:.0f}s")
     return 0

@@ -1,4 +1,15 @@
-"""Stage `validate`: an engine's parity against the fp32 reference, task mAP, and latency, on its device."""
+"""Stage `validate`: an engine's parity against the fp32 reference, task mAP, and latency, on its device.
+
+Latency follows trtexec's method (kiln.validate.latency). CPU backends are timed with the host
+clock around a synchronous run. GPU engines (TensorRT, TensorRT-RTX) are timed with CUDA events
+on the runner's stream: H2D copies, GPU compute, D2H copies and host enqueue time per query, two
+queries in flight, spin-wait, CUDA graphs where the engine can be captured, at every batch size
+the engine's profile admits (powers of two up to its largest, plus the configured ones); where
+trtexec (or tensorrt_rtx) is on PATH it times the same engine with the same settings pinned, and
+both are recorded. Every device also gets the end-to-end detection latency (preprocessing +
+engine + decode/NMS, host-timed, kiln.validate.pipeline), a few pictures of its detections, and
+its speedup over the PyTorch eager baseline (kiln.baseline) at batch 1.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +24,13 @@ from kiln.config import KilnConfig
 from kiln.inputs import load as load_inputs
 from kiln.reference import run_batches
 from kiln.util import read_json, write_json
-from kiln.validate import accuracy, latency, parity
+from kiln.validate import accuracy, latency, parity, pictures, pipeline, trtexec
 
 log = logging.getLogger(__name__)
+
+# How GPU engines are timed (trtexec's vocabulary); trtexec runs with the same values.
+GPU_TIMING = {"spin_wait": True, "data_transfers": True, "cuda_graph": True, "depth": 2}
+PICTURES = {"count": pictures.DEFAULT_COUNT}
 
 
 def params(cfg: KilnConfig, device: str, model: str, precision: str) -> dict:
@@ -29,6 +44,8 @@ def params(cfg: KilnConfig, device: str, model: str, precision: str) -> dict:
         "match_score": v["match_score"],
         "threads": d.threads,
         "decode": cfg.models[model].decode,
+        "gpu_timing": GPU_TIMING,
+        "pictures": PICTURES,
     }
 
 
@@ -64,6 +81,8 @@ def validate(
     annotations: Path,
     out: Path,
     threads: int = 0,
+    baseline: Path | None = None,
+    engine_file: Path | None = None,
 ) -> dict:
     """Validate one engine and write `out`; a failed build is carried through with its reason."""
     spec = cfg.models[model]
@@ -78,7 +97,8 @@ def validate(
         return result
 
     backend = backends.get(d.backend)
-    runner = backend.load_runner(Path(build["engine"]), d, threads=d.threads or threads)
+    # The rule's engine input (a local copy under a storage provider); else the record's path.
+    runner = backend.load_runner(Path(engine_file or build["engine"]), d, threads=d.threads or threads)
     inputs = load_inputs(inputs_npz)
     log.info("validate %s/%s/%s: accuracy on %d images", device, model, precision, len(inputs))
     outputs = run_batches(runner.infer, spec, inputs, v["batch_size"])
@@ -101,18 +121,21 @@ def validate(
     )
     result.update(parity=par, accuracy=acc)
 
-    lat = []
+    result["pictures"] = pictures.write(Path(out).parent, annotations, inputs.image_ids, dets,
+                                        count=PICTURES["count"], min_score=v["match_score"])
+
     L = v["latency"]
-    for bs in d.batch_sizes:
-        feeds = inputs.feeds(spec, 0, bs) if bs <= len(inputs) else _tile(inputs.feeds(spec, 0, 1), bs)
-        log.info("validate %s/%s/%s: latency at batch %d", device, model, precision, bs)
-        stats = latency.measure(
-            lambda feeds=feeds: runner.infer(feeds), bs, L["warmup_ms"], L["min_iterations"], L["min_seconds"], L["cv_warn_percent"]
-        )
-        if stats.warning:
-            log.warning("batch %d: %s", bs, stats.warning)
-        lat.append(stats.to_dict())
-    result["latency"] = lat
+    if hasattr(runner, "query"):
+        result.update(_gpu_latency(runner, spec, d, inputs, L))
+    else:
+        result["latency"] = _host_latency(runner, spec, d, inputs, L)
+    lat = result["latency"]
+    log.info("validate %s/%s/%s: end-to-end pipeline latency", device, model, precision)
+    result["pipeline"] = pipeline.measure(spec, runner.infer, pipeline.load_images(annotations, max(d.batch_sizes)),
+                                          d.batch_sizes, L)
+    if hasattr(runner, "close"):
+        runner.close()
+    result.update(_speedup(baseline, lat))
 
     failures = gate(spec.layout, v["thresholds"][precision], result)
     result.update(status="passed" if not failures else "failed", reason="; ".join(failures) or None)
@@ -125,3 +148,75 @@ def validate(
 
 def _tile(feeds: dict, batch: int) -> dict:
     return {k: np.repeat(v, batch, axis=0) for k, v in feeds.items()}
+
+
+def _feeds(spec, inputs, batch: int) -> dict:
+    return inputs.feeds(spec, 0, batch) if batch <= len(inputs) else _tile(inputs.feeds(spec, 0, 1), batch)
+
+
+def _host_latency(runner, spec, d, inputs, L: dict) -> list[dict]:
+    """Host-timed latency of a synchronous runner at each of the device's batch sizes."""
+    out = []
+    for bs in d.batch_sizes:
+        feeds = _feeds(spec, inputs, bs)
+        log.info("latency at batch %d (host timer)", bs)
+        stats = latency.measure(lambda feeds=feeds: runner.infer(feeds), bs, L["warmup_ms"], L["min_iterations"],
+                                L["min_seconds"], L["cv_warn_percent"])
+        if stats.warning:
+            log.warning("batch %d: %s", bs, stats.warning)
+        out.append(stats.to_dict())
+    return out
+
+
+def _gpu_latency(runner, spec, d, inputs, L: dict) -> dict:
+    """CUDA-event latency of a GPU runner across its profile's batch sizes, and trtexec's where it is on PATH."""
+    flavor = d.backend
+    batches = latency.batch_sweep(d.batch_sizes, runner.max_batch()) if spec.dynamic_batch else [1]
+    settings = trtexec.Settings(warmup_ms=L["warmup_ms"], iterations=L["min_iterations"], duration_s=L["min_seconds"],
+                                spin_wait=GPU_TIMING["spin_wait"], data_transfers=GPU_TIMING["data_transfers"],
+                                cuda_graph=GPU_TIMING["cuda_graph"] and runner.cuda_graph != "off")
+    exe = trtexec.find(flavor)
+    helptext = trtexec.help_text(exe) if exe and flavor == "tensorrt-rtx" else ""
+    lat, tool = [], []
+    for bs in batches:
+        feeds = _feeds(spec, inputs, bs)
+        events = latency.CudaBindingsEvents(runner.stream, runner.cudart)
+        timer = latency.CudaEventTimer(events, spin_wait=GPU_TIMING["spin_wait"])
+        step = runner.query(feeds, timer.mark)
+        log.info("latency at batch %d (CUDA events, %s)", bs, runner.describe()["cuda_graph"])
+        stats = latency.measure(step, bs, L["warmup_ms"], L["min_iterations"], L["min_seconds"], L["cv_warn_percent"],
+                                timer=timer, depth=GPU_TIMING["depth"])
+        events.close()
+        if stats.warning:
+            log.warning("batch %d: %s", bs, stats.warning)
+        lat.append({**stats.to_dict(), "cuda_graph": runner.describe()["cuda_graph"], "profile": runner.profile})
+        if exe and runner.engine_path:
+            shapes = {n: list(np.shape(feeds[n])) for n in runner.input_names}
+            used = trtexec.Settings(**{**settings.as_dict(), "cuda_graph": settings.cuda_graph and not runner.graph_note})
+            rec = trtexec.run(exe, str(runner.engine_path), shapes, used, flavor=flavor, profile=runner.profile,
+                              helptext=helptext)
+            if rec.get("status") != "measured":
+                log.warning("batch %d: %s did not measure: %s", bs, trtexec.EXECUTABLES[flavor], rec.get("reason"))
+            tool.append({"batch_size": bs, **rec})
+    result = {"latency": lat, "runner": runner.describe(),
+              "latency_method": {"timer": "CUDA events (cuda.bindings) on the runner's stream", **GPU_TIMING,
+                                 "batch_sizes": batches}}
+    if exe:
+        result["trtexec"] = tool
+    else:
+        result["trtexec"] = {"status": "not run", "reason": f"{trtexec.EXECUTABLES[flavor]} is not on PATH"}
+    return result
+
+
+def _speedup(baseline: Path | None, lat: list[dict]) -> dict:
+    """PyTorch eager median latency over the engine's, at batch 1 (None where either is missing)."""
+    from kiln.baseline import median_at
+
+    if baseline is None or not Path(baseline).is_file():
+        return {"baseline": None, "speedup_vs_pytorch": None}
+    b = read_json(baseline)
+    base_ms, engine_ms = median_at(b if b.get("status") == "measured" else None), median_at({"latency": lat})
+    info = {"path": str(baseline), "status": b.get("status"), "reason": b.get("reason"), "torch": b.get("torch"),
+            "torch_device": b.get("torch_device"), "median_ms_batch1": base_ms}
+    speedup = base_ms / engine_ms if base_ms and engine_ms else None
+    return {"baseline": info, "speedup_vs_pytorch": speedup}

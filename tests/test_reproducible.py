@@ -1,0 +1,205 @@
+"""Every CPU stage gives the same bytes twice, and the lock file (kiln.lock) records and checks them.
+
+The stages run twice from the same random-weight checkpoints of the demo factories, each time in a
+fresh Python process with another PYTHONHASHSEED and into another folder: anything that depends on
+set/dict ordering, absolute paths, temporary names or clocks shows up as a differing sha256.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from kiln import lock
+from kiln.util import read_json, sha256, write_json
+from tests.conftest import REPO, tiny_config
+
+MODELS = ("yolo_demo", "rtdetr_demo")
+ONNX_FILES = ("export", "simplified", "surgery", "fp32", "fp16", "int8")
+
+
+def run_stages(results: str, ck_yolo: str, ck_rtdetr: str) -> None:
+    """The workflow's CPU stages for both demo models at opset 17, called as the rules call them."""
+    from kiln import dataset, export, inputs, paths, precision, reference, simplify, surgery
+    from kiln.config import load
+
+    raw = tiny_config(ck_yolo, ck_rtdetr)
+    raw["results"] = results
+    cfg = load(raw, check_paths=False)
+    ann = {s: paths.fmt(paths.DATASET, results=results, dataset="demo", split=s) for s in ("calib", "val")}
+    for split, path in ann.items():
+        dataset.prepare(cfg.datasets["demo"], split, path)
+    for m in MODELS:
+        def f(pattern, m=m, **kw):
+            return paths.fmt(pattern, results=results, model=m, opset=17, **kw)
+
+        for split in ("calib", "val"):
+            inputs.preprocess_split(cfg.models[m], ann[split], inputs.params(cfg, m, split)["count"],
+                                    f(paths.INPUTS, split=split))
+        export.export_onnx(cfg.models[m], 17, f(paths.EXPORT))
+        simplify.simplify(f(paths.EXPORT), f(paths.SIMPLIFIED), f(paths.SIMPLIFY_RECORD))
+        surgery.run_passes(f(paths.SIMPLIFIED), f(paths.SURGERY), f(paths.SURGERY_RECORD), list(cfg.models[m].surgery))
+        for p in ("fp32", "fp16", "int8"):
+            calib = {"calib_npz": f(paths.INPUTS, split="calib"), "calib_list": f(paths.CALIB_LIST, precision=p)}
+            precision.variant_for_rule(cfg, m, p, f(paths.SURGERY), f(paths.VARIANT, precision=p),
+                                       f(paths.VARIANT_RECORD, precision=p), **(calib if p == "int8" else {}))
+        reference.make_reference(cfg, m, f(paths.SURGERY), f(paths.INPUTS, split="val"), ann["val"],
+                                 f(paths.REFERENCE), f(paths.REFERENCE_RECORD))
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+    import torch
+
+    from kiln.demo.models import rtdetr_demo, yolo_demo
+
+    base = tmp_path_factory.mktemp("repro")
+    torch.manual_seed(0)
+    torch.save(yolo_demo(num_classes=3).state_dict(), base / "y.pt")
+    torch.save(rtdetr_demo(num_classes=3).state_dict(), base / "r.pt")
+    runs = []
+    for seed, name in ((1, "first"), (2, "second")):
+        results = base / name / "results"  # two folders: an absolute path in an artifact would differ
+        code = ("from tests.test_reproducible import run_stages; "
+                f"run_stages({str(results)!r}, {str(base / 'y.pt')!r}, {str(base / 'r.pt')!r})")
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        runs.append(results)
+    return runs[0], runs[1]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("stage", ONNX_FILES)
+def test_onnx_stage_is_byte_identical(two_runs, model, stage):
+    a, b = (r / f"onnx/{model}/opset17/{stage}.onnx" for r in two_runs)
+    assert sha256(a) == sha256(b), f"{stage}.onnx of {model} differs between two runs"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_calibration_inputs_and_reference_are_identical(two_runs, model):
+    a, b = two_runs
+    for rel in (f"inputs/{model}/calib.npz", f"inputs/{model}/val.npz", f"onnx/{model}/opset17/int8.calib.txt",
+                f"reference/{model}/opset17/outputs.npz"):
+        assert sha256(a / rel) == sha256(b / rel), rel
+    # int8 calibrated on the 8 images the list names, in that order.
+    assert len((a / f"onnx/{model}/opset17/int8.calib.txt").read_text().split()) == 8
+    # np.savez leaves zip entries at the fixed 1980 date (no clock in the bytes); the lock hashes the
+    # arrays anyway, so another NumPy's zip metadata would not read as a different artifact.
+    with zipfile.ZipFile(a / f"reference/{model}/opset17/outputs.npz") as z:
+        assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_lock_of_one_run_verifies_the_other(two_runs, tmp_path):
+    a, b = two_runs
+    written = lock.write_lock(a, tmp_path / "kiln.lock")
+    assert read_json(tmp_path / "kiln.lock") == written
+    arts = written["artifacts"]
+    for m in MODELS:
+        for stage in ONNX_FILES:
+            assert arts[f"onnx/{m}/opset17/{stage}.onnx"] == {"kind": "file",
+                                                              "sha256": sha256(a / f"onnx/{m}/opset17/{stage}.onnx")}
+        assert arts[f"reference/{m}/opset17/outputs.npz"]["kind"] == "npz"
+        assert f"onnx/{m}/opset17/int8.calib.txt" in arts
+    assert arts["data/demo/val/images/"]["files"] == 16
+    assert all(k.endswith("/annotations.json") for k in arts if k.endswith(".json"))  # no timed records
+    assert lock.compare(b, tmp_path / "kiln.lock") == []
+
+
+def test_npz_digest_is_of_arrays_not_zip_container(tmp_path):
+    import numpy as np
+
+    arrays = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.array([1, 2], dtype=np.int64)}
+    np.savez(tmp_path / "x.npz", **arrays)
+    np.savez_compressed(tmp_path / "y.npz", **dict(reversed(arrays.items())))  # other container bytes
+    assert sha256(tmp_path / "x.npz") != sha256(tmp_path / "y.npz")
+    assert lock.arrays_sha256(tmp_path / "x.npz") == lock.arrays_sha256(tmp_path / "y.npz")
+    np.savez(tmp_path / "z.npz", a=arrays["a"], b=arrays["b"].astype(np.float64))  # same values, other dtype
+    assert lock.arrays_sha256(tmp_path / "z.npz") != lock.arrays_sha256(tmp_path / "x.npz")
+
+
+def _fake_results(root: Path) -> Path:
+    """A small results folder with one artifact of every kind the lock knows."""
+    import numpy as np
+
+    r = root / "results"
+    (r / "data/demo/val/images").mkdir(parents=True)
+    (r / "data/demo/val/images/0.png").write_bytes(b"png0")
+    write_json(r / "data/demo/val/annotations.json", {"images": []})
+    (r / "inputs/m").mkdir(parents=True)
+    np.savez(r / "inputs/m/val.npz", images=np.zeros((2, 3), np.uint8))
+    (r / "onnx/m/opset17").mkdir(parents=True)
+    for stage in ("export", "surgery", "int8"):
+        (r / f"onnx/m/opset17/{stage}.onnx").write_bytes(stage.encode())
+    write_json(r / "onnx/m/opset17/int8.json", {"wall_s": 1.0})  # a record: not locked
+    (r / "onnx/m/opset17/int8.calib.txt").write_text("a.png\nb.png\n")
+    for dev, backend, extra in (("cpu", "onnxruntime", {"ops_out": {"Conv": 3}}), ("rtx", "tensorrt-rtx", {})):
+        folder = r / f"engines/{dev}/m/int8"
+        folder.mkdir(parents=True)
+        write_json(folder / "engine.json", {"device": dev, "backend": backend, "backend_version": "1.0",
+                                            "status": "built", "onnx_sha256": "ab", "build_seconds": 3.2,
+                                            "engine_sha256": "plan-bytes-differ-every-build", **extra})
+        if backend != "onnxruntime":
+            write_json(folder / "layers.json", {"source": "network", "num_layers": 2, "layers": [1, 2]})
+    return r
+
+
+def test_compare_names_every_difference(tmp_path):
+    import numpy as np
+
+    r = _fake_results(tmp_path)
+    lock.write_lock(r, tmp_path / "kiln.lock")
+    assert lock.compare(r, tmp_path / "kiln.lock") == []
+    # Timings, plan bytes and records are not part of the lock: changing them is no difference.
+    rec = read_json(r / "engines/rtx/m/int8/engine.json")
+    write_json(r / "engines/rtx/m/int8/engine.json", {**rec, "build_seconds": 9.9, "engine_sha256": "other"})
+    write_json(r / "onnx/m/opset17/int8.json", {"wall_s": 2.0})
+    assert lock.compare(r, tmp_path / "kiln.lock") == []
+
+    (r / "onnx/m/opset17/int8.onnx").write_bytes(b"changed")
+    (r / "onnx/m/opset17/export.onnx").unlink()
+    (r / "onnx/m/opset17/fp16.onnx").write_bytes(b"new")
+    (r / "data/demo/val/images/0.png").write_bytes(b"other pixels")
+    np.savez(r / "inputs/m/val.npz", images=np.ones((2, 3), np.uint8))
+    write_json(r / "engines/rtx/m/int8/layers.json", {"source": "network", "num_layers": 3, "layers": [1, 2, 3]})
+    write_json(r / "engines/cpu/m/int8/engine.json", {**read_json(r / "engines/cpu/m/int8/engine.json"),
+                                                      "backend_version": "2.0", "ops_out": {"Conv": 2}})
+    diffs = lock.compare(r, tmp_path / "kiln.lock")
+    text = "\n".join(diffs)
+    assert "onnx/m/opset17/export.onnx: missing (the lock has it)" in diffs
+    assert "onnx/m/opset17/fp16.onnx: not in the lock" in diffs
+    assert any(d.startswith("onnx/m/opset17/int8.onnx: sha256 is ") for d in diffs)
+    assert any(d.startswith("data/demo/val/images/: tree_sha256 is ") for d in diffs)
+    assert any(d.startswith("inputs/m/val.npz: arrays_sha256 is ") for d in diffs)
+    assert "engines/rtx/m/int8/: num_layers is 3, the lock has 2" in diffs
+    assert any(d.startswith("engines/rtx/m/int8/: layers_sha256 is ") for d in diffs)
+    assert "engines/cpu/m/int8/: backend_version is '2.0', the lock has '1.0'" in diffs
+    assert any(d.startswith("engines/cpu/m/int8/: ops_sha256 is ") for d in diffs)
+    assert len(diffs) == 9, text
+
+
+def test_cli_lock_and_verify(tmp_path, capsys):
+    from kiln.cli import main
+
+    r = _fake_results(tmp_path)
+    out = tmp_path / "kiln.lock"
+    assert main(["lock", "--results", str(r), "--out", str(out)]) == 0
+    assert main(["verify", "--results", str(r), "--lock", str(out)]) == 0
+    assert "all 9 artifacts" in capsys.readouterr().out
+    (r / "onnx/m/opset17/surgery.onnx").write_bytes(b"x")
+    assert main(["verify", "--results", str(r), "--lock", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "DIFF onnx/m/opset17/surgery.onnx: sha256 is" in captured.out
+    assert "1 difference(s)" in captured.err
+    shutil.rmtree(r)
+    assert main(["lock", "--results", str(r), "--out", str(tmp_path / "other.lock")]) == 2  # nothing to lock
+    (tmp_path / "bad.lock").write_text("{}")
+    assert main(["verify", "--results", str(tmp_path), "--lock", str(tmp_path / "bad.lock")]) == 2
+    assert "not a Kiln lock file" in capsys.readouterr().err
