@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)  ## run the pipeline on config.yaml
 	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml --rerun-incomplete --show-failed-logs
-	@echo; echo "Summary: $$(pwd)/results/report/summary.md"; echo; cat results/report/summary.md
+	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml --report results/report/report.html
+	@echo; cat results/report/summary.md; echo
+	@echo "Summary:          $$(pwd)/results/report/summary.md"
+	@echo "Kiln's page:      $$(pwd)/results/report/kiln.html"
+	@echo "Snakemake report: $$(pwd)/results/report/report.html"
 
 test: $(STAMP)  ## run the test suite
 	KILN_TRT_STUBS=$(TRT_STUBS) $(BIN)/python -m pytest

@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -74,19 +75,34 @@ def make_config(n_models: int, n_devices: int) -> dict:
     }
 
 
+def snapshot(dst: Path) -> Path:
+    """A copy of the workflow's code (others may edit the checkout while the bench runs); its Snakefile."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy2(REPO / name, dst / name)
+    for name in ("rules", "kiln", "scripts", "schemas", "envs", "profiles", "report"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, dst / name, ignore=ignore)
+    return dst / "Snakefile"
+
+
 def snakemake_cmd(folder: Path, snakefile: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(folder),
             "--configfile", str(folder / "config.yaml"), "--cores", "1", *args]
 
 
-def timed(cmd: list[str], expect: str | None = None) -> tuple[float, str]:
+def timed(cmd: list[str], expect: str | None = None) -> tuple[tuple[float, float], str]:
+    """Run `cmd`; (wall seconds, CPU seconds user+system of it and its children), and its output."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    seconds = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0 or (expect and expect not in text):
         raise SystemExit(f"{' '.join(cmd)} failed (status {proc.returncode}):\n{text[-4000:]}")
-    return seconds, text
+    return (wall, cpu), text
 
 
 def parse_jobs(text: str) -> list[dict]:
@@ -174,24 +190,19 @@ def populate(folder: Path, snakefile: Path, jobs: list[dict], rules: list[dict])
     timed(cmd)
 
 
-def dry_runs(folder: Path, snakefile: Path, repeat: int) -> tuple[list[float], str]:
-    times = []
-    for _ in range(repeat):
-        shutil.rmtree(folder / ".snakemake", ignore_errors=True)
-        seconds, text = timed(snakemake_cmd(folder, snakefile, "-n"))
-        times.append(seconds)
-    return times, text
+def dry_run(folder: Path, snakefile: Path) -> tuple[tuple[float, float], str]:
+    shutil.rmtree(folder / ".snakemake", ignore_errors=True)
+    return timed(snakemake_cmd(folder, snakefile, "-n"))
 
 
-def noops(folder: Path, snakefile: Path, repeat: int) -> list[float]:
-    return [timed(snakemake_cmd(folder, snakefile), expect="Nothing to be done")[0] for _ in range(repeat)]
+def noop(folder: Path, snakefile: Path) -> tuple[float, float]:
+    return timed(snakemake_cmd(folder, snakefile), expect="Nothing to be done")[0]
 
 
-def summary(jobs: list[dict], dry: list[float], noop: list[float], folder: Path) -> dict:
-    return {"jobs": len(jobs), "dry_run_s": [round(s, 2) for s in dry], "noop_s": [round(s, 2) for s in noop],
-            "dry_run_median_s": round(statistics.median(dry), 2), "noop_median_s": round(statistics.median(noop), 2),
-            # Output files with metadata: the no-op checked each one's recorded params/code/input.
-            "metadata_records": sum(1 for _ in (folder / ".snakemake/metadata").iterdir())}
+def stats(runs: list[tuple[float, float]]) -> dict:
+    wall, cpu = [w for w, _ in runs], [c for _, c in runs]
+    return {"wall_s": [round(x, 2) for x in wall], "cpu_s": [round(x, 2) for x in cpu],
+            "wall_median_s": round(statistics.median(wall), 2), "cpu_median_s": round(statistics.median(cpu), 2)}
 
 
 def main() -> None:
@@ -205,47 +216,58 @@ def main() -> None:
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     config = make_config(args.models, args.devices)
-    kdir, bdir = root / "kiln", root / "bare"
+    kdir, bdir, code = root / "kiln", root / "bare", root / "workflow"
     try:
-        for folder in (kdir, bdir):
+        for folder in (kdir, bdir, code):
             shutil.rmtree(folder, ignore_errors=True)
-            (folder / "models").mkdir(parents=True)
+            folder.mkdir(parents=True)
+        kiln_sf, bare_sf = snapshot(code), bdir / "Snakefile"
+        for folder in (kdir, bdir):
+            (folder / "models").mkdir()
             for m in config["models"].values():
                 (folder / m["checkpoint"]).write_bytes(b"dummy checkpoint: a dry run does not read it\n")
             (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-        kiln_dry, text = dry_runs(kdir, REPO / "Snakefile", args.repeat)
+        _, text = dry_run(kdir, kiln_sf)
         jobs = parse_jobs(text)
-        _, out = timed([sys.executable, "-c", RULES_OF, str(kdir), str(REPO / "Snakefile")])
+        _, out = timed([sys.executable, "-c", RULES_OF, str(kdir), str(kiln_sf)])
         rules = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RULES="))[len("RULES="):])
         snakefile, inputs = bare_snakefile(rules, jobs)
-        (bdir / "Snakefile").write_text(snakefile)
+        bare_sf.write_text(snakefile)
         (bdir / "bare_inputs.json").write_text(json.dumps(inputs))
-        bare_dry, bare_text = dry_runs(bdir, bdir / "Snakefile", args.repeat)
+        _, bare_text = dry_run(bdir, bare_sf)
         bare_jobs = parse_jobs(bare_text)
         per_rule = collections.Counter(j["rule"] for j in jobs)
         if collections.Counter(j["rule"] for j in bare_jobs) != per_rule:
             raise SystemExit("the bare workflow plans other jobs than Kiln's: see the generated Snakefile")
         if args.profile:
             shutil.rmtree(kdir / ".snakemake", ignore_errors=True)
-            cmd = snakemake_cmd(kdir, REPO / "Snakefile", "-n")
+            cmd = snakemake_cmd(kdir, kiln_sf, "-n")
             timed([cmd[0], "-m", "cProfile", "-o", str(args.profile), *cmd[1:]])
 
-        populate(kdir, REPO / "Snakefile", jobs, rules)
-        populate(bdir, bdir / "Snakefile", bare_jobs, rules)
-        kiln = summary(jobs, kiln_dry, noops(kdir, REPO / "Snakefile", args.repeat), kdir)
-        bare = summary(bare_jobs, bare_dry, noops(bdir, bdir / "Snakefile", args.repeat), bdir)
+        # Interleaved, so that load from other processes weighs on both alike.
+        runs: dict[str, list] = {k: [] for k in ("kiln_dry", "bare_dry", "kiln_noop", "bare_noop")}
+        for _ in range(args.repeat):
+            runs["kiln_dry"].append(dry_run(kdir, kiln_sf)[0])
+            runs["bare_dry"].append(dry_run(bdir, bare_sf)[0])
+        populate(kdir, kiln_sf, jobs, rules)
+        populate(bdir, bare_sf, bare_jobs, rules)
+        for _ in range(args.repeat):
+            runs["kiln_noop"].append(noop(kdir, kiln_sf))
+            runs["bare_noop"].append(noop(bdir, bare_sf))
+        records = {k: sum(1 for _ in (f / ".snakemake/metadata").iterdir()) for k, f in (("kiln", kdir), ("bare", bdir))}
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     import snakemake
 
+    result = {k: stats(v) for k, v in runs.items()}
+    ratio = {f"{what}_{kind}": round(result[f"kiln_{what}"][f"{kind}_median_s"] / result[f"bare_{what}"][f"{kind}_median_s"], 2)
+             for what in ("dry", "noop") for kind in ("wall", "cpu")}
     print(json.dumps({
-        "models": args.models, "devices": args.devices, "precisions": PRECISIONS,
-        "jobs_per_rule": dict(sorted(per_rule.items())),
-        "kiln": kiln, "bare": bare,
-        "dry_run_ratio": round(kiln["dry_run_median_s"] / bare["dry_run_median_s"], 2),
-        "noop_ratio": round(kiln["noop_median_s"] / bare["noop_median_s"], 2),
+        "models": args.models, "devices": args.devices, "precisions": PRECISIONS, "jobs": len(jobs),
+        "jobs_per_rule": dict(sorted(per_rule.items())), "metadata_records": records,
+        **result, "kiln_over_bare": ratio,
         "snakemake": snakemake.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }, indent=2))

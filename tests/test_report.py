@@ -312,8 +312,9 @@ def test_workflow_writes_the_page_and_snakemake_report(tmp_path):
     assert sorted(categories["Summary"]["Other"]) == ["results/report/kiln.html", "results/report/summary.csv"]
     assert sorted(categories["yolo_demo"]["all devices"]) == [
         "results/report/plots/models/yolo_demo/accuracy_latency.png", "results/report/plots/models/yolo_demo/build_time.png"]
-    assert sorted(categories["yolo_demo"]["cpu"]) == [
-        "results/report/plots/devices/yolo_demo/cpu/latency.png", "results/report/plots/devices/yolo_demo/cpu/throughput.png"]
+    cpu = "results/report/plots/devices/yolo_demo/cpu/"
+    assert sorted(categories["yolo_demo"]["cpu"]) == sorted(
+        [cpu + "latency.png", cpu + "throughput.png"] + [cpu + Path(p).stem + ".jpg" for p in pictures])
     assert "Pareto front" in report  # the figure captions, report/plot.rst, rendered per figure
 
     proc = _snakemake(tmp_path, "-n")

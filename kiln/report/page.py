@@ -200,11 +200,11 @@ def draw(run: Run, results: str) -> dict[str, list[Figure]]:
                     p = Path(paths.fmt(paths.DEVICE_PLOT, results=results, model=m.name, device=dev, plot=name))
                     figs.append(Figure(f"{TITLES[name]}: {dev}", p, png))
             for name in plots.picture_names(m, dev):
-                png = plots.detections_side_by_side(m, dev, name)
+                jpeg = plots.detections_side_by_side(m, dev, name)
                 plot = Path(name).stem  # detections_<image id>, as validation named it
                 p = Path(paths.fmt(paths.DEVICE_PICTURE, results=results, model=m.name, device=dev, plot=plot))
-                figs.append(Figure(f"{dev}, validation image {plot.split('_', 1)[1]}: detections per precision", p,
-                                   png, pictures=True))
+                figs.append(Figure(f"{dev}, validation image {plot.split('_', 1)[-1]}: detections per precision", p,
+                                   jpeg, pictures=True))
         for f in figs:
             f.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(f.path) as tmp:

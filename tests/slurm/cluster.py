@@ -115,9 +115,11 @@ class LoopbackSlurm:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _in_ns(self) -> list[str]:
+    def _in_ns(self, cwd: str | Path | None = None) -> list[str]:
+        """nsenter into the cluster's namespaces (entering a mount namespace resets the working folder)."""
         pid = self.netns_holder.pid
-        return [which("nsenter"), f"--net=/proc/{pid}/ns/net", f"--mount=/proc/{pid}/ns/mnt", "--"]
+        return [which("nsenter"), f"--net=/proc/{pid}/ns/net", f"--mount=/proc/{pid}/ns/mnt",
+                f"--wd={Path(cwd or os.getcwd()).resolve()}", "--"]
 
     def env(self) -> dict[str, str]:
         """The caller's environment without SLURM_CONF: inside the namespaces it is /etc/slurm/slurm.conf."""
@@ -284,7 +286,8 @@ class LoopbackSlurm:
 
     def run(self, cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run a client command (sbatch, snakemake ...) inside the cluster's network namespace."""
-        return subprocess.run([*self._in_ns(), *cmd], capture_output=True, text=True, timeout=timeout,
+        cwd = kw.pop("cwd", None)
+        return subprocess.run([*self._in_ns(cwd), *cmd], capture_output=True, text=True, timeout=timeout,
                               env=kw.pop("env", None) or self.env(), **kw)
 
     def jobs(self) -> list[dict[str, str]]:
