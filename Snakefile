@@ -32,6 +32,7 @@ include: "rules/onnx.smk"
 include: "rules/precision.smk"
 include: "rules/engines.smk"
 include: "rules/baseline.smk"
+include: "rules/diagnose.smk"
 include: "rules/report.smk"
 
 

@@ -47,14 +47,33 @@ class ModelSpec:
     simplify: bool
     decode: dict
     calibration: dict
+    # Model sources (kiln/sources/): a full pickle loads only with trust_checkpoint (it can run code).
+    trust_checkpoint: bool = False
+    ultralytics_yaml: str | None = None
+    rtdetr_repo: str | None = None
+    rtdetr_config: str | None = None
+    nms: str = "none"  # NMS appended to a yolo-layout graph by the surgery stage: none, onnx, efficient
 
     @property
     def input_names(self) -> tuple[str, ...]:
         return ("images", "orig_target_sizes") if self.layout == "rtdetr" else ("images",)
 
     @property
-    def output_names(self) -> tuple[str, ...]:
+    def head_output_names(self) -> tuple[str, ...]:
+        """Outputs of the exported model (before the surgery stage appends NMS)."""
         return ("labels", "boxes", "scores") if self.layout == "rtdetr" else ("output0",)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Outputs of the model's ONNX variants and engines."""
+        if self.nms != "none":
+            return ("num_detections", "boxes", "scores", "classes")
+        return self.head_output_names
+
+    @property
+    def detection_outputs(self) -> bool:
+        """Outputs are per-image detections (top-k or after NMS), compared by matching, not by cosine."""
+        return self.layout in ("rtdetr", "ultralytics_rtdetr") or self.nms != "none"
 
 
 @dataclass(frozen=True)
@@ -256,13 +275,9 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
                 f"config: 'models.{name}.dataset' names '{m['dataset']}', which is not under 'datasets' "
                 f"(known: {', '.join(datasets)})"
             )
-        if m["source"] == "torch" and not m.get("factory"):
-            raise KilnError(f"config: 'models.{name}.factory' is missing: source torch needs module:function")
-        if check_paths and not (base / m["checkpoint"]).is_file():
-            raise KilnError(
-                f"config: 'models.{name}.checkpoint': file '{m['checkpoint']}' not found: "
-                f"fix the path (relative to {base.resolve()})"
-            )
+        from kiln.sources import check_model
+
+        check_model(name, m, base, check_paths)
         if m["calibration"]["images"] > datasets[m["dataset"]].calib_count:
             raise KilnError(
                 f"config: 'models.{name}.calibration.images' is {m['calibration']['images']} but dataset "
@@ -273,17 +288,23 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
             source=m["source"],
             factory=m.get("factory"),
             factory_args=dict(m["factory_args"]),
-            checkpoint=m["checkpoint"],
+            # The file the weights come from: the checkpoint, or an Ultralytics model YAML (random weights).
+            checkpoint=m.get("checkpoint") or m.get("ultralytics_yaml"),
             layout=m["layout"],
             dataset=m["dataset"],
             input_size=tuple(m["input_size"]),
-            preprocess=m.get("preprocess") or ("resize" if m["layout"] == "rtdetr" else "letterbox"),
+            preprocess=m.get("preprocess") or ("resize" if m["layout"] in ("rtdetr", "ultralytics_rtdetr") else "letterbox"),
             dynamic_batch=m["dynamic_batch"],
             dynamic_hw=m["dynamic_hw"],
             surgery=tuple(m["surgery"]),
             simplify=m["simplify"],
             decode=dict(m["decode"]),
             calibration=dict(m["calibration"]),
+            trust_checkpoint=m["trust_checkpoint"],
+            ultralytics_yaml=m.get("ultralytics_yaml"),
+            rtdetr_repo=m.get("rtdetr_repo"),
+            rtdetr_config=m.get("rtdetr_config"),
+            nms=m["nms"],
         )
 
     from kiln import backends
@@ -322,6 +343,12 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
         backend = backends.get(device.backend)
         for problem in backend.check_device(device):
             raise KilnError(f"config: 'devices.{name}': {problem}")
+        from kiln import trt_ops
+
+        if device.backend in trt_ops.LABELS:  # what the op table says this device's parser cannot build
+            for m in device.models:
+                for problem in trt_ops.model_problems(device.backend, device.tensorrt_min, models[m].nms):
+                    raise KilnError(f"config: 'devices.{name}' builds model '{m}', whose {problem}")
         for bs in device.batch_sizes:
             for m in device.models:
                 if bs > 1 and not models[m].dynamic_batch:

@@ -1,11 +1,8 @@
-"""Stage `export`: PyTorch checkpoint to ONNX at one opset, checked, byte-reproducible."""
+"""Stage `export`: a model from its source (kiln/sources/) to ONNX at one opset, checked, byte-reproducible."""
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 
 from kiln.config import KilnConfig, ModelSpec
@@ -17,97 +14,37 @@ log = logging.getLogger(__name__)
 
 def params(cfg: KilnConfig, model: str) -> dict:
     """Everything in the config that changes the exported bytes (tracked by Snakemake)."""
-    from kiln.fingerprint import file_fingerprint
+    from kiln import sources
 
     m = cfg.models[model]
-    return {
+    out = {
         "source": m.source,
         "factory": m.factory,
-        # The model's own code: editing the factory's module re-exports.
-        "factory_code": file_fingerprint(m.factory.partition(":")[0]) if m.factory else None,
+        # The model's own code: editing the factory's module (or the RT-DETR checkout) re-exports.
+        **sources.params(m),
         "factory_args": m.factory_args,
         "layout": m.layout,
         "input_size": list(m.input_size),
         "dynamic_batch": m.dynamic_batch,
         "dynamic_hw": m.dynamic_hw,
     }
+    if m.source != "torch" or m.trust_checkpoint:
+        out.update(trust_checkpoint=m.trust_checkpoint, max_det=m.decode["max_det"])
+    return out
 
 
-def _factory(spec: ModelSpec):
-    module_name, _, func_name = spec.factory.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise KilnError(
-            f"config: 'models.{spec.name}.factory': cannot import '{module_name}' ({err}): "
-            f"install the package that provides it or fix the module path"
-        ) from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise KilnError(f"config: 'models.{spec.name}.factory': '{module_name}' has no function '{func_name}'")
-    return func
+def load_state_dict(path: str | Path, model_name: str, trust: bool = False) -> dict:
+    """Load a checkpoint's state_dict: weights-only, unless ``trust`` (kiln.sources.load_checkpoint)."""
+    from kiln.sources.torch import load_state_dict as load
 
-
-def load_state_dict(path: str | Path, model_name: str) -> dict:
-    """Load a weights-only checkpoint: a state_dict, or a dict holding one under 'model'/'state_dict'."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise KilnError(f"checkpoint '{path}' not found: fix 'models.{model_name}.checkpoint'")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not zipfile.is_zipfile(path):
-            raise KilnError(
-                f"checkpoint '{path}' could not be read by torch.load: it is not a PyTorch checkpoint "
-                f"(or it is damaged): fix 'models.{model_name}.checkpoint'"
-            ) from None
-        # torch names the class it refused, e.g. "Unsupported global: GLOBAL pkg.Model".
-        detail = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
-        raise KilnError(
-            f"checkpoint '{path}' is not a weights-only state_dict{f' ({detail})' if detail else ''}: Kiln loads "
-            f"checkpoints with torch.load(weights_only=True) because a full pickle can run code; "
-            f"save model.state_dict() instead"
-        ) from None
-    except Exception as err:  # zip/EOF/format errors from a damaged or foreign file
-        raise KilnError(
-            f"checkpoint '{path}' could not be read by torch.load ({type(err).__name__}: {err}): "
-            f"is it a PyTorch checkpoint, complete and undamaged?".replace("\n", " ")
-        ) from None
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "ema"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
-        raise KilnError(
-            f"checkpoint '{path}' holds no state_dict of tensors: save model.state_dict() "
-            f"(or a dict with it under 'model' or 'state_dict')"
-        )
-    return obj
+    return load(path, model_name, trust)
 
 
 def build_module(spec: ModelSpec):
-    """Instantiate the model from its factory and load the checkpoint strictly."""
-    import torch
+    """The model of ``spec`` from its source (kiln/sources/), in eval mode, ready to trace."""
+    from kiln import sources
 
-    module = _factory(spec)(**spec.factory_args)
-    if not isinstance(module, torch.nn.Module):
-        raise KilnError(f"config: 'models.{spec.name}.factory' returned {type(module).__name__}, not a torch nn.Module")
-    state = load_state_dict(spec.checkpoint, spec.name)
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    resized = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or resized:
-        raise KilnError(
-            f"checkpoint '{spec.checkpoint}' does not fit 'models.{spec.name}.factory' with its factory_args "
-            f"({len(missing)} missing keys {missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, "
-            f"{len(resized)} of another shape {resized[:2]}): check factory_args (e.g. num_classes) and the checkpoint"
-        )
-    module.load_state_dict(state, strict=True)
-    return module.eval()
+    return sources.build_module(spec)
 
 
 def example_inputs(spec: ModelSpec, batch: int = 1) -> tuple:
@@ -132,7 +69,7 @@ def dynamic_axes(spec: ModelSpec) -> dict:
     if img:
         axes["images"] = img
     if spec.dynamic_batch:
-        for name in spec.input_names[1:] + spec.output_names:
+        for name in spec.input_names[1:] + spec.head_output_names:
             axes[name] = {0: "batch"}
     return axes
 
@@ -152,7 +89,7 @@ def export_onnx(spec: ModelSpec, opset: int, out: str | Path) -> dict:
                 args,
                 str(tmp),
                 input_names=list(spec.input_names),
-                output_names=list(spec.output_names),
+                output_names=list(spec.head_output_names),
                 dynamic_axes=dynamic_axes(spec),
                 opset_version=opset,
                 do_constant_folding=True,
@@ -165,10 +102,10 @@ def export_onnx(spec: ModelSpec, opset: int, out: str | Path) -> dict:
             raise KilnError(f"export of '{spec.name}' at opset {opset} failed onnx.checker: {err}") from None
         got_in = [i.name for i in model.graph.input]
         got_out = [o.name for o in model.graph.output]
-        if got_in != list(spec.input_names) or got_out != list(spec.output_names):
+        if got_in != list(spec.input_names) or got_out != list(spec.head_output_names):
             raise KilnError(
                 f"model '{spec.name}' (layout {spec.layout}) exported inputs {got_in} and outputs {got_out}; "
-                f"layout {spec.layout} needs {list(spec.input_names)} -> {list(spec.output_names)}: "
+                f"layout {spec.layout} needs {list(spec.input_names)} -> {list(spec.head_output_names)}: "
                 f"check 'models.{spec.name}.layout' and the factory's forward()"
             )
     log.info("export %s: %d nodes written to %s", spec.name, len(model.graph.node), out)

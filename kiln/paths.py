@@ -25,6 +25,8 @@ ENGINE_RECORD = "{results}/engines/{device}/{model}/{precision}/engine.json"
 # output, so it goes to storage with the record (README: Building on devices). {suffix} is accepted, unused.
 ENGINE_FILE = "{results}/engines/{device}/{model}/{precision}/model.engine"
 VALIDATION = "{results}/validation/{device}/{model}/{precision}/validation.json"
+# A failed build's smallest failing subgraph (kiln/diagnose.py; reduced.onnx lies beside it).
+DIAGNOSIS = "{results}/diagnosis/{device}/{model}/{precision}/diagnosis.json"
 PICTURE = "{results}/validation/{device}/{model}/{precision}/detections_{image_id}.png"
 BASELINE = "{results}/baseline/{device}/{model}.json"
 SUMMARY_JSON = "{results}/report/summary.json"

@@ -186,3 +186,51 @@ def scale_boxes_letterbox(
         b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
         b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
     return b
+
+
+def ultralytics_rtdetr_detections(
+    output: np.ndarray, input_size: Sequence[int], conf_thres: float = 0.001
+) -> list[dict[str, np.ndarray]]:
+    """Per-image detections from Ultralytics' RT-DETR export (B, K, 6): cx, cy, w, h normalised, score, class.
+
+    Boxes come back xyxy in model-input pixels (``input_size`` is (height, width)), like
+    :func:`yolo_detections`; the decoder already picked its top-K, so this only thresholds.
+    """
+    out = np.asarray(output, dtype=np.float32)
+    if out.ndim != 3 or out.shape[-1] != 6:
+        raise ValueError(f"expected Ultralytics RT-DETR output shaped (B, K, 6), got {out.shape}")
+    h, w = float(input_size[0]), float(input_size[1])
+    results = []
+    for pred in out:
+        keep = pred[:, 4] > conf_thres
+        if not keep.any():
+            results.append(_empty())
+            continue
+        p = pred[keep]
+        p = p[np.argsort(-p[:, 4], kind="stable")]
+        cx, cy, bw, bh = p[:, 0] * w, p[:, 1] * h, p[:, 2] * w, p[:, 3] * h
+        boxes = np.stack((cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), 1).astype(np.float32)
+        results.append({"boxes": boxes, "scores": p[:, 4].astype(np.float32), "labels": p[:, 5].astype(np.int64)})
+    return results
+
+
+def nms_output_detections(
+    num: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, conf_thres: float = 0.0
+) -> list[dict[str, np.ndarray]]:
+    """Per-image detections from NMS appended to the graph (EfficientNMS_TRT's layout).
+
+    ``num`` (B, 1), ``boxes`` (B, M, 4) xyxy in model-input pixels, ``scores`` (B, M), ``classes``
+    (B, M): the first ``num[i]`` rows of image i are its detections, best first.
+    """
+    num = np.asarray(num).reshape(-1)
+    boxes, scores, classes = np.asarray(boxes, np.float32), np.asarray(scores, np.float32), np.asarray(classes)
+    if boxes.ndim != 3 or boxes.shape[:2] != scores.shape or classes.shape != scores.shape or len(num) != len(boxes):
+        raise ValueError(f"NMS outputs disagree: num_detections {num.shape}, boxes {boxes.shape}, "
+                         f"scores {scores.shape}, classes {classes.shape}")
+    results = []
+    for n, b, s, c in zip(num, boxes, scores, classes):
+        n = int(min(max(int(n), 0), len(s)))
+        keep = s[:n] > conf_thres
+        results.append({"boxes": b[:n][keep].astype(np.float32), "scores": s[:n][keep].astype(np.float32),
+                        "labels": c[:n][keep].astype(np.int64)})
+    return results

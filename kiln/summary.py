@@ -19,6 +19,7 @@ COLUMNS = [
     "parity_min_cosine", "parity_max_abs", "detection_match_rate", "map50_95", "map50", "map_drop", "map50_drop",
     "batch_size", "latency_mean_ms", "latency_median_ms", "latency_p99_ms", "latency_cv_percent", "throughput_ips",
     "gpu_compute_median_ms", "pipeline_median_ms", "pytorch_latency_median_ms", "speedup_vs_pytorch",
+    "diagnosis",
 ]
 
 
@@ -45,6 +46,14 @@ def _row(
     if no_build:
         row.update(status="not run", reason=f"not run on this host: {no_build}")
         return row
+    diag = Path(local(paths.fmt(paths.DIAGNOSIS, results=R, device=device, model=model, precision=precision)))
+    if diag.is_file():  # a failed build's smallest failing subgraph and the fix (kiln/diagnose.py)
+        g = read_json(diag)
+        if g.get("status") == "diagnosed":
+            nodes = ", ".join(f"{n['op']} {n['name']}" for n in g.get("failing_nodes", [])[:5])
+            row["diagnosis"] = f"{g['hint']} [failing subgraph: {nodes}; {g['reduced_onnx']}]"
+        elif g.get("status") in ("failed", "not reproduced"):
+            row["diagnosis"] = f"not diagnosed: {g.get('reason')}"
     if no_run:
         # Built ahead of time here; validation needs the device itself.
         e = read_json(local(paths.fmt(paths.ENGINE_RECORD, results=R, device=device, model=model, precision=precision)))

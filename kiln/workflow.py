@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 import sys
 
@@ -34,14 +35,16 @@ def select_devices(config: dict, config_files: list[str]) -> dict:
 
 
 # Per-run switches given as `--config KEY=VALUE`: not part of the config schema, so taken out of it.
-RUN_OPTIONS = {"gather": False}
+RUN_OPTIONS = {"gather": False, "cluster": False}
 
 
 def run_options(config: dict) -> dict:
-    """Take Kiln's run switches out of `config` (in place) and return them.
+    """Take Kiln's run switches out of `config` (in place) and return them (README: Building on devices).
 
-    `gather=true`: the summary has every device's rows; this host makes the ones it can, the
-    others come from storage or from the executor's nodes (README: Building on devices).
+    `gather=true`: the summary has every device's rows; this host makes those of the devices it
+    can build and run, the others were put in storage by their own hosts and are never made here.
+    `cluster=true`: the executor's nodes make every device's jobs, wherever the device's cluster
+    hints place them; the submitting host's own backends do not matter.
     """
     opts = {}
     for key, default in RUN_OPTIONS.items():
@@ -51,6 +54,9 @@ def run_options(config: dict) -> dict:
         if not isinstance(value, bool):
             raise KilnError(f"--config {key}={value}: use {key}=true or {key}=false")
         opts[key] = value
+    if opts["gather"] and opts["cluster"]:
+        raise KilnError("--config gather=true cluster=true: choose one (gather: other hosts made the rest; "
+                        "cluster: this run's executor makes everything)")
     return opts
 
 
@@ -126,8 +132,16 @@ def summary_records(cfg: KilnConfig, run: dict[str, str | None], build: dict[str
 
 
 def everywhere(cfg: KilnConfig) -> dict[str, None]:
-    """What `gather=true` puts in place of buildable()/runnable(): every device is made somewhere."""
+    """What gather/cluster=true put in place of buildable()/runnable(): every device is made somewhere."""
     return dict.fromkeys(cfg.devices)
+
+
+def device_pattern(can: dict[str, str | None] | None) -> str:
+    """A `device` wildcard constraint: the devices `can` maps to None; any device name when `can` is None."""
+    if can is None:
+        return r"[A-Za-z][A-Za-z0-9_-]*"
+    names = [re.escape(d) for d, why in can.items() if why is None]
+    return "|".join(names) if names else "(?!)"  # (?!) matches nothing
 
 
 def artifact_targets(cfg: KilnConfig) -> list[str]:
@@ -176,9 +190,10 @@ def missing_message(missing: dict[str, tuple[str, list[str]]]) -> str:
         lines.append(
             f"  device '{dev}': {len(files)} missing (e.g. {files[0]}); not here: {why}. "
             f"On a host with device '{dev}', run first: snakemake engines --config devices={dev} "
+            f"--allowed-rules build baseline validate diagnose engines "
             f"(same --configfile and storage options), then gather again."
         )
-    lines.append("  (README: Building on devices)")
+    lines.append("  (On a cluster, run with --config cluster=true instead. README: Building on devices)")
     return "\n".join(lines)
 
 
@@ -275,3 +290,41 @@ def default_resource(defaults, name: str) -> str | None:
     except (ValueError, SyntaxError):
         value = raw  # Snakemake takes a bare word as a string too
     return str(value) if value not in (None, "") else None
+
+
+def in_storage(workflow, path: str) -> bool:
+    """Whether an artifact exists where this run reads it: the default storage, else this folder.
+
+    Mirrors how Snakemake maps a plain path to the default storage provider (prefix + path).
+    """
+    s = workflow.storage_settings
+    if s.default_storage_provider in (None, "none"):
+        return os.path.exists(path)
+    prefix = s.default_storage_prefix or ""
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    try:
+        provider = workflow.storage_registry.default_storage_provider
+        return provider.object(prefix + os.path.normpath(path)).exists()
+    except Exception as err:  # noqa: BLE001 - an unfamiliar Snakemake: let Snakemake find out itself
+        print(f"kiln: gather: cannot check storage for {path} ({err})", file=sys.stderr)
+        return True
+
+
+def check_gathered(workflow, cfg: KilnConfig, run: dict[str, str | None], build: dict[str, str | None]) -> list:
+    """The summary's input function with gather=true: no files, a check.
+
+    The validations of devices this host cannot make must already be in storage (with
+    gather=true no rule makes them here): stop before any job if not, naming the devices and
+    what to run on their hosts (a dry run only prints it).
+    """
+    missing = missing_elsewhere(cfg, run, build, lambda path: in_storage(workflow, path))
+    if missing:
+        message = missing_message(missing)
+        if workflow.dryrun:
+            print(message.replace("kiln: gather:", "kiln: gather (dry run):", 1), file=sys.stderr)
+        else:
+            from snakemake.exceptions import WorkflowError
+
+            raise WorkflowError(message)
+    return []

@@ -9,6 +9,8 @@ rule baseline:
         inputs=P(paths.INPUTS, split="val"),
     output:
         P(paths.BASELINE),
+    wildcard_constraints:
+        device=RUN_HERE,  # gather=true: only this host's devices (rules/common.smk)
     log:
         LOG("baseline", "{device}_{model}"),
     params:

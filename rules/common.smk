@@ -8,16 +8,23 @@ from kiln import build as kiln_build, dataset as kiln_dataset, export as kiln_ex
 from kiln import inputs as kiln_inputs, precision as kiln_precision, reference as kiln_reference
 from kiln import simplify as kiln_simplify, surgery as kiln_surgery, validate as kiln_validate
 
-RUN = kiln_workflow.run_options_or_exit(config)  # --config gather=true (rules/hosts.smk)
+RUN = kiln_workflow.run_options_or_exit(config)  # --config gather=true / cluster=true (rules/hosts.smk)
 KILN = kiln_workflow.load_or_exit(config, workflow.configfiles)
 # What this host can do per device: build engines, and run them (validate).
 CAN_BUILD = kiln_workflow.buildable(KILN)
 CAN_RUN = kiln_workflow.runnable(KILN)
-# gather=true: every device's rows; what this host cannot make comes from storage or from the
+# gather=true / cluster=true: every device's rows, made by other hosts (put in storage) or by the
 # executor's nodes (rules/hosts.smk, README: Building on devices). HOST_CAN_* keep this host's own.
 HOST_CAN_BUILD, HOST_CAN_RUN = CAN_BUILD, CAN_RUN
-if RUN["gather"]:
+if RUN["gather"] or RUN["cluster"]:
     CAN_BUILD = CAN_RUN = kiln_workflow.everywhere(KILN)
+# The devices whose engines (BUILD_HERE) and validations and baselines (RUN_HERE) rules may make
+# in this run: with gather=true only this host's, so other hosts' outputs in storage are taken
+# as they are (never re-made here, whatever their mtimes); otherwise any device.
+BUILD_HERE = kiln_workflow.device_pattern(HOST_CAN_BUILD if RUN["gather"] else None)
+RUN_HERE = kiln_workflow.device_pattern(
+    {d: HOST_CAN_RUN[d] or HOST_CAN_BUILD[d] for d in KILN.devices} if RUN["gather"] else None
+)
 # The profile's default partition, for build/validate jobs no device hint places: a rule's
 # resource replaces the default-resources value for all of the rule's jobs.
 DEFAULT_PARTITION = kiln_workflow.default_resource(workflow.resource_settings.default_resources, "slurm_partition")
@@ -53,6 +60,11 @@ def engine_source(w):
     d = KILN.devices[w.device]
     src = kiln_workflow.backends.get(d.backend).source_precision(w.precision, d)
     return P(paths.VARIANT, model=w.model, opset=d.opset, precision=src)
+
+
+def gathered(wildcards):
+    """Summary input: no files. With gather=true, a check that storage has what this host cannot make."""
+    return kiln_workflow.check_gathered(workflow, KILN, HOST_CAN_RUN, HOST_CAN_BUILD) if RUN["gather"] else []
 
 
 def summary_targets():

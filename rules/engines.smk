@@ -36,6 +36,8 @@ rule build:
         P(paths.ENGINE_RECORD),
         # Declared, so it goes to storage with its record (README: Building on devices).
         engine=P(paths.ENGINE_FILE),
+    wildcard_constraints:
+        device=BUILD_HERE,  # gather=true: only this host's devices (rules/common.smk)
     log:
         LOG("build", "{device}_{model}_{precision}"),
     params:
@@ -69,6 +71,8 @@ rule validate:
         baseline=P(paths.BASELINE),
     output:
         P(paths.VALIDATION),
+    wildcard_constraints:
+        device=RUN_HERE,  # gather=true: only this host's devices (rules/common.smk)
     log:
         LOG("validate", "{device}_{model}_{precision}"),
     params:

@@ -52,7 +52,7 @@ rule surgery:
     log:
         LOG("surgery", "{model}_opset{opset}"),
     params:
-        spec=lambda w: kiln_surgery.params(KILN, w.model),
+        spec=lambda w: kiln_surgery.params(KILN, w.model, int(w.opset)),
         code=code("kiln.surgery"),
     threads: 1
     resources:

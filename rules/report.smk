@@ -8,7 +8,8 @@ rule summary:
         built_only=kiln_workflow.build_only_targets(KILN, CAN_RUN, CAN_BUILD),
         # The simplify and variant records its rows quote: inputs, so they come from storage too.
         records=kiln_workflow.summary_records(KILN, CAN_RUN, CAN_BUILD),
-        gathered=gathered,  # no files: gather=true checks storage first (rules/hosts.smk)
+        diagnoses=diagnosis_targets(),  # failed TensorRT builds reduced (rules/diagnose.smk)
+        gathered=gathered,  # no files: gather=true checks storage first (rules/common.smk)
     # On the host that runs Snakemake: its params say what this host can do.
     localrule: True
     output:

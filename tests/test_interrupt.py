@@ -3,8 +3,9 @@
 One small workflow (yolo_demo on the CPU in fp32 and int8, and an int8 TensorRT-RTX build) is taken
 through, once for the whole module:
 
-1. a run is started; while its `quantize` job runs, a second run in the same folder is started and
-   must be refused by Snakemake's lock; then the first run's process group gets SIGTERM;
+1. a run is started; while its `quantize` job runs (the run's process group held with SIGSTOP), a
+   second run in the same folder is started and must be refused by Snakemake's lock; then the first
+   run's process group gets SIGTERM;
 2. a second run is started and its process group gets SIGKILL during the TensorRT-RTX `build`: a
    killed Snakemake cannot remove its lock, so the next run is refused until `--unlock`;
 3. a last run must complete, redo exactly the killed jobs' outputs, and leave only complete
@@ -108,13 +109,17 @@ def story(tmp_path_factory):
     write_config(work / "config.yaml", small_config())
     seen: dict = {}
 
-    # 1. SIGTERM during quantize, with a second run attempted meanwhile.
+    # 1. SIGTERM during quantize, with a second run attempted meanwhile. The first run's process
+    #    group is stopped (SIGSTOP) while the second one tries, so the first cannot finish the job or
+    #    the run in between, however long the second one takes.
     first = start(work, "first")
     wait_for_text(first, work / QUANTIZE_LOG, "making int8 variant", 600, "the quantize job started")
+    os.killpg(first.pid, signal.SIGSTOP)
     seen["calib_list_during_quantize"] = (work / CALIB_LIST).is_file()
     seen["concurrent"] = subprocess.run(command(work), capture_output=True, text=True, timeout=300)
     seen["first_still_running"] = first.poll() is None
-    seen["first_status"] = kill_group(first, signal.SIGTERM)
+    os.killpg(first.pid, signal.SIGTERM)  # delivered when the group continues
+    seen["first_status"] = kill_group(first, signal.SIGCONT)
     seen["after_term"] = {p: (work / p).exists() for p in (INT8, CALIB_LIST)}
     locks = work / ".snakemake/locks"
     seen["locks_after_term"] = sorted(os.listdir(locks)) if locks.is_dir() else []

@@ -158,6 +158,8 @@ def onnx_chain(model: str, precisions=PRECISIONS) -> set[tuple]:
 
 def engines(device: str, model: str, precisions=PRECISIONS, validate: bool = True) -> set[tuple]:
     jobs = {("build", device, model, p) for p in precisions}
+    if device == "rtx":  # a TensorRT-RTX build is followed by its diagnosis (rules/diagnose.smk)
+        jobs |= {("diagnose", device, model, p) for p in precisions}
     if validate:
         jobs |= {("validate", device, model, p) for p in precisions}
     return jobs
@@ -170,7 +172,7 @@ def test_editing_one_device_reruns_only_its_jobs(run):
     assert planned_jobs(work, cfg) == {("validate", "cpu", m, p) for m in MODELS for p in PRECISIONS} | {("summary",)}
     cfg = tiny_config()
     cfg["devices"]["rtx"]["builder_optimization_level"] = 2  # builder option: that device's builds
-    assert planned_jobs(work, cfg) == {("build", "rtx", m, p) for m in MODELS for p in PRECISIONS} | {("summary",)}
+    assert planned_jobs(work, cfg) == {j for m in MODELS for j in engines("rtx", m, validate=False)} | {("summary",)}
 
 
 def test_editing_one_model_reruns_only_its_chain(run):
@@ -185,7 +187,7 @@ def test_adding_a_precision_adds_only_its_jobs(run):
     work, _ = run
     cfg = tiny_config()
     cfg["devices"]["rtx"]["precisions"].append("bf16")
-    expected = {("precision", m, "17", "bf16") for m in MODELS} | {("build", "rtx", m, "bf16") for m in MODELS}
+    expected = {("precision", m, "17", "bf16") for m in MODELS} | {j for m in MODELS for j in engines("rtx", m, ["bf16"], False)}
     assert planned_jobs(work, cfg) == expected | {("summary",)}
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
+from kiln import trt_ops
 from kiln.errors import KilnError
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,9 @@ HARDWARE_COMPATIBILITY = {
     "same_compute_capability": "SAME_COMPUTE_CAPABILITY",
 }
 
-# Highest ONNX opset each TensorRT release's ONNX parser documents, keyed by the first version
-# that documented it (a version uses the entry of the largest key <= itself). Sources: the
-# onnx-tensorrt docs/operators.md of each release branch ("TensorRT 8.5/8.6 supports operators up
-# to Opset 17", "TensorRT 10.0 ... opset 9 to opset 20", "TensorRT 10.15 ... opset 9 to opset 24")
-# and the TensorRT 11.x ONNX Opset Guide ("Maximum opset 25"). Releases between 10.0 and 10.15 are
-# held to 20, the last value documented for them.
-PARSER_MAX_OPSET: dict[tuple[int, int], int] = {(8, 5): 17, (8, 6): 17, (10, 0): 20, (10, 15): 24, (11, 0): 25}
+# Highest ONNX opset each TensorRT release's ONNX parser documents: kiln/trt_ops.py holds the table
+# (with its sources) for TensorRT and TensorRT-RTX, and the ops each version lacks.
+PARSER_MAX_OPSET: dict[tuple[int, int], int] = trt_ops.PARSER_MAX_OPSET[trt_ops.TENSORRT]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,9 +86,7 @@ def mm_str(v: tuple[int, int] | None) -> str:
 
 def parser_max_opset(tensorrt_version: str | tuple[int, int]) -> int | None:
     """Highest opset the ONNX parser of this TensorRT major.minor documents (None before 8.5)."""
-    v = major_minor(tensorrt_version) if isinstance(tensorrt_version, str) else tensorrt_version
-    known = [k for k in PARSER_MAX_OPSET if v is not None and k <= v]
-    return PARSER_MAX_OPSET[max(known)] if known else None
+    return trt_ops.parser_max_opset(trt_ops.TENSORRT, tensorrt_version)
 
 
 def import_trt(flavor: str) -> ModuleType | None:
@@ -552,13 +547,28 @@ def parse_onnx(ns: SimpleNamespace, onnx_path: Path, strongly_typed: bool) -> tu
     ok = parser.parse_from_file(str(onnx_path))
     if ok and parser.num_errors == 0:
         return builder, network, parser
-    nodes = list(onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    nodes = list(proto.graph.node)
     errors = [parser_error_text(parser.get_error(i), nodes) for i in range(parser.num_errors)]
     raise KilnError(
         f"{LABELS[ns.flavor]} {trt.__version__} cannot parse '{onnx_path}': "
         + "; ".join(errors or ["the parser gave no reason (is the file a valid ONNX model?)"])
-        + ": replace or remove these nodes (export, surgery) or build this model for another device"
+        + ": " + (parse_hints(ns.flavor, trt.__version__, parser, proto)
+                  or "replace or remove these nodes (export, surgery) or build this model for another device")
     )
+
+
+def parse_hints(flavor: str, version: str, parser: Any, proto: Any) -> str:
+    """Kiln's op table's advice (kiln/trt_ops.py) for the failing nodes it knows, '; '-joined ('' if none)."""
+    nodes = list(proto.graph.node)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    out: dict[str, None] = {}
+    for i in range(parser.num_errors):
+        index = _call(parser.get_error(i), "node")
+        node = nodes[index] if isinstance(index, int) and 0 <= index < len(nodes) else None
+        if node is not None and node.op_type in trt_ops.RULES_BY_OP:
+            out[trt_ops.hint(flavor, version, node.op_type, node.name, opset)] = None
+    return "; ".join(out)
 
 
 # --------------------------------------------------------------------------------------------------

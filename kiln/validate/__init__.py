@@ -52,7 +52,7 @@ def params(cfg: KilnConfig, device: str, model: str, precision: str) -> dict:
 def gate(layout: str, thresholds: dict, result: dict) -> list[str]:
     """Every threshold the result misses, as readable reasons (empty list = pass)."""
     failures = []
-    if layout == "rtdetr":
+    if layout == "rtdetr" or "detections" in result["parity"]:  # top-k or NMS outputs: matched as detections
         rate = result["parity"]["detections"]["match_rate"]
         if rate < thresholds["match_rate_min"]:
             failures.append(f"detection match rate {rate:.3f} < {thresholds['match_rate_min']}")
@@ -108,7 +108,7 @@ def validate(
     ref_info = read_json(reference_record)
     par = {"outputs": {name: parity.dense(ref[name], outputs[name]) for name in ref}}
     dets = accuracy.detections(spec, outputs, inputs)
-    if spec.layout == "rtdetr":
+    if spec.detection_outputs:
         ref_dets = accuracy.detections(spec, ref, inputs)
         par["detections"] = parity.detections(ref_dets, dets, v["match_score"])
     acc = accuracy.score(dets, inputs, annotations)

@@ -29,9 +29,15 @@ def detections(spec: ModelSpec, outputs: dict[str, np.ndarray], inputs: Inputs) 
         return postprocess.rtdetr_detections(
             outputs["labels"], outputs["boxes"], outputs["scores"], conf_thres=dec["conf_threshold"]
         )
-    dets = postprocess.yolo_detections(
-        outputs["output0"], conf_thres=dec["conf_threshold"], iou_thres=dec["iou_threshold"], max_det=dec["max_det"]
-    )
+    if spec.nms != "none":  # NMS in the graph (kiln.surgery.append_nms): boxes xyxy in input pixels
+        dets = postprocess.nms_output_detections(outputs["num_detections"], outputs["boxes"], outputs["scores"],
+                                                 outputs["classes"], conf_thres=dec["conf_threshold"])
+    elif spec.layout == "ultralytics_rtdetr":
+        dets = postprocess.ultralytics_rtdetr_detections(outputs["output0"], spec.input_size, dec["conf_threshold"])
+    else:
+        dets = postprocess.yolo_detections(
+            outputs["output0"], conf_thres=dec["conf_threshold"], iou_thres=dec["iou_threshold"], max_det=dec["max_det"]
+        )
     for i, d in enumerate(dets):
         if spec.preprocess == "letterbox":
             d["boxes"] = _unletterbox(d["boxes"], inputs.ratios[i], inputs.pads[i], inputs.orig_sizes[i])

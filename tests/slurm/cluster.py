@@ -56,6 +56,23 @@ NODES = (
 )
 
 
+WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "kiln", "schemas", "envs", "profiles", "report", "config.yaml")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A copy of the workflow (Snakefile, rules, scripts, the kiln package ...) to run tests from:
+    files edited while a test runs then change neither its code fingerprints nor its script mtimes."""
+    repo = Path(__file__).resolve().parents[2]
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in WORKFLOW_PARTS:
+        src = repo / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.is_file():
+            shutil.copy2(src, dest / part)
+    return dest
+
+
 def which(name: str) -> str | None:
     return shutil.which(name) or next((f"{d}/{name}" for d in SBIN if os.access(f"{d}/{name}", os.X_OK)), None)
 
@@ -116,10 +133,16 @@ class LoopbackSlurm:
     # ------------------------------------------------------------------ lifecycle
 
     def _in_ns(self, cwd: str | Path | None = None) -> list[str]:
-        """nsenter into the cluster's namespaces (entering a mount namespace resets the working folder)."""
+        """nsenter into the cluster's namespaces, then cd to `cwd` (default: this process's).
+
+        Entering a mount namespace resets the working folder. nsenter's own --wd opens the folder
+        before it enters, so relative paths would then resolve through the outer namespace's
+        mount and renames between relative and absolute paths fail with EXDEV: cd inside instead.
+        """
         pid = self.netns_holder.pid
-        return [which("nsenter"), f"--net=/proc/{pid}/ns/net", f"--mount=/proc/{pid}/ns/mnt",
-                f"--wd={Path(cwd or os.getcwd()).resolve()}", "--"]
+        cwd = str(Path(cwd or os.getcwd()).resolve())
+        return [which("nsenter"), f"--net=/proc/{pid}/ns/net", f"--mount=/proc/{pid}/ns/mnt", "--",
+                "/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd]
 
     def env(self) -> dict[str, str]:
         """The caller's environment without SLURM_CONF: inside the namespaces it is /etc/slurm/slurm.conf."""

@@ -1,0 +1,315 @@
+"""Source ultralytics: YOLOv8n, YOLO11n and RT-DETR-l built from Ultralytics' own YAMLs, through every stage.
+
+No weights can be downloaded here, so the models carry random weights (seed 0): the tests check
+what does not depend on training: layouts, export in Ultralytics' export mode, parity between
+PyTorch and ONNX Runtime, simplify, surgery (the device-required passes, NMS), the fp16 and int8
+variants, and TensorRT-RTX ahead-of-time builds. Inputs are small (320, RT-DETR 256) to keep the
+CPU cost down; all of it takes about 3 minutes on 2 cores (marked ``slow``: deselect with
+``-m 'not slow'``).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import tiny_config
+
+from kiln import export, simplify, surgery
+from kiln.config import load
+from kiln.errors import KilnError
+
+ultralytics = pytest.importorskip("ultralytics", reason="ultralytics is not installed (pip install 'kiln[ultralytics]')")
+
+pytestmark = pytest.mark.slow
+
+CFG = Path(ultralytics.__file__).parent / "cfg" / "models"
+# The scale is read from the file name (yolov8n.yaml -> scale n), as Ultralytics does.
+YAMLS = {"yolov8n": CFG / "v8" / "yolov8.yaml", "yolo11n": CFG / "11" / "yolo11.yaml",
+         "rtdetr-l": CFG / "rt-detr" / "rtdetr-l.yaml"}
+SIZES = {"yolov8n": 320, "yolo11n": 320, "rtdetr-l": 256}
+NC = 3
+
+
+def sess(path):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def raw_config(root: Path, **model_extra) -> dict:
+    raw = tiny_config()
+    raw["models"] = {}
+    for name, src in YAMLS.items():
+        shutil.copy(src, root / f"{name}.yaml")
+        raw["models"][name.replace("-", "_")] = {
+            "source": "ultralytics", "ultralytics_yaml": str(root / f"{name}.yaml"), "factory_args": {"nc": NC},
+            "layout": "ultralytics_rtdetr" if name.startswith("rtdetr") else "yolo", "dataset": "demo",
+            "input_size": [SIZES[name]] * 2, "calibration": {"images": 8}, **model_extra.get(name, {})}
+    raw["devices"] = {
+        "rtx": {"backend": "tensorrt-rtx", "compute_capability": "8.9", "opset": 17, "precisions": ["fp32", "fp16", "int8"],
+                "builder_optimization_level": 0, "batch_sizes": [1]},
+        # A Jetson on TensorRT 8.5 at the same opset: its parser has no LayerNormalization (kiln/trt_ops.py).
+        "orin": {"backend": "tensorrt", "compute_capability": "8.7", "tensorrt": {"min": "8.5"}, "jetson": True,
+                 "opset": 17, "precisions": ["fp16"], "int8_mode": "calibrator"},
+    }
+    return raw
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ultralytics")
+
+
+@pytest.fixture(scope="module")
+def cfg(root):
+    return load(raw_config(root), base=root, check_paths=True)
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Two different pictures of the demo dataset (shapes on textures), as float RGB in [0, 1] per size."""
+    from kiln.demo.shapes import render_image
+
+    rng = np.random.default_rng(5)
+    out = {}
+    pics = [render_image(rng, 320)[0] for _ in range(2)]
+    for size in set(SIZES.values()):
+        arr = [np.asarray(p.resize((size, size)), np.float32) / 255 for p in pics]
+        out[size] = np.ascontiguousarray(np.stack(arr).transpose(0, 3, 1, 2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(root, cfg):
+    """An Ultralytics-format .pt of YOLOv8n whose outputs depend on the picture.
+
+    Straight from the YAML, random weights shrink activations layer by layer, so every picture gets
+    nearly the same prediction (YOLO11n's differ by less than 1e-5). Re-estimating BatchNorm statistics
+    on four demo pictures (as after training) and a milder class head (weights x0.3, bias -3) give
+    content-dependent boxes with distinct scores, up to about 0.9.
+    """
+    from ultralytics.nn.tasks import DetectionModel
+
+    from kiln.demo.shapes import render_image
+
+    rng = np.random.default_rng(11)
+    x = np.stack([np.asarray(render_image(rng, 320)[0], np.float32) / 255 for _ in range(4)]).transpose(0, 3, 1, 2)
+    torch.manual_seed(0)
+    model = DetectionModel(str(root / "yolov8n.yaml"), nc=NC, verbose=False)  # written by the cfg fixture
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pictures
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(np.ascontiguousarray(x)))
+        for m in bns:
+            m.momentum = 0.03
+        for seq in model.model[-1].cv3:
+            seq[-1].weight.mul_(0.3)
+            seq[-1].bias.fill_(-3.0)
+    model.eval()
+    path = root / "yolov8n_bn.pt"
+    torch.save({"model": model, "train_args": {}}, path)  # the layout of Ultralytics' own checkpoints
+    return path
+
+
+def stages(cfg, name: str, root: Path) -> dict:
+    """export -> simplify -> surgery (model + device passes) -> fp16, int8 -> TensorRT-RTX fp32/fp16/int8."""
+    from kiln.backends import tensorrt_rtx
+    from kiln.precision import PrecisionOptions, make_variant
+    from kiln.util import atomic_path
+
+    spec = cfg.models[name]
+    d = root / name
+    d.mkdir(exist_ok=True)
+    p = {k: d / f"{k}.onnx" for k in ("export", "simplified", "surgery", "fp16", "int8")}
+    p["export_record"] = export.export_onnx(spec, 17, p["export"])
+    p["simplify_record"] = simplify.simplify(p["export"], p["simplified"], d / "simplify.json")
+    sp = surgery.params(cfg, name, 17)
+    p["surgery_params"] = sp
+    p["surgery_record"] = surgery.run_passes(p["simplified"], p["surgery"], d / "surgery.json", sp["surgery"],
+                                             nms=sp.get("nms"), required_by=surgery.device_passes(cfg, name, 17))
+    size = spec.input_size[0]
+    calib = {"images": np.random.default_rng(0).random((4, 3, size, size), dtype=np.float32)}
+    for prec in ("fp16", "int8"):
+        make_variant(p["surgery"], p[prec], PrecisionOptions(prec), calib=calib if prec == "int8" else None,
+                     log=lambda s: None)
+    if tensorrt_rtx.is_available() and name in cfg.devices["rtx"].models:
+        for prec, src in (("fp32", p["surgery"]), ("fp16", p["fp16"]), ("int8", p["int8"])):
+            engine = d / "rtx" / prec / "model.engine"
+            with atomic_path(engine) as tmp:
+                p[f"rtx_{prec}"] = tensorrt_rtx.build(src, tmp, cfg.devices["rtx"], prec, validation_batch_size=2)
+            p[f"rtx_{prec}_engine"] = engine
+    return p
+
+
+@pytest.fixture(scope="module")
+def yolov8n(cfg, root):
+    return stages(cfg, "yolov8n", root)
+
+
+@pytest.fixture(scope="module")
+def yolo11n(cfg, root):
+    return stages(cfg, "yolo11n", root)
+
+
+@pytest.fixture(scope="module")
+def rtdetr(cfg, root):
+    return stages(cfg, "rtdetr_l", root)
+
+
+def check_yolo(cfg, name, art, images):
+    spec = cfg.models[name]
+    size = spec.input_size[0]
+    anchors = sum((size // s) ** 2 for s in (8, 16, 32))
+    m = onnx.load(str(art["export"]))
+    assert [i.name for i in m.graph.input] == ["images"] and [o.name for o in m.graph.output] == ["output0"]
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert art["simplify_record"]["status"] == "simplified"
+    # PyTorch (Ultralytics' export mode) against ONNX Runtime, batch 2 on a batch-1 trace.
+    x = images[size]
+    with torch.no_grad():
+        ref = export.build_module(spec)(torch.from_numpy(x)).numpy()
+    assert ref.shape == (2, 4 + NC, anchors)
+    got = sess(art["surgery"]).run(None, {"images": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+    # Box rows are pixels of the 320 input (cx, cy inside it), class rows sigmoid scores.
+    assert 0 <= got[:, 0].min() and got[:, 0].max() <= size and 0 <= got[:, 4:].min() and got[:, 4:].max() <= 1
+    for prec, floor in (("fp16", 0.999), ("int8", 0.9)):
+        out = sess(art[prec]).run(None, {"images": x})[0]
+        assert out.shape == got.shape and cosine(out, got) > floor, (prec, cosine(out, got))
+
+
+def check_rtx(art):
+    from kiln.backends import tensorrt_rtx
+
+    if not tensorrt_rtx.is_available():
+        pytest.skip("TensorRT-RTX is not installed")
+    for prec in ("fp32", "fp16", "int8"):
+        meta = art[f"rtx_{prec}"]
+        assert art[f"rtx_{prec}_engine"].stat().st_size > 0 and meta["source_precision"] == prec
+        assert meta["compute_capability_targets"] == ["SM89"]
+
+
+def test_yolov8n_every_stage(cfg, yolov8n, images):
+    check_yolo(cfg, "yolov8n", yolov8n, images)
+    check_rtx(yolov8n)
+
+
+def test_yolo11n_every_stage(cfg, yolo11n, images):
+    check_yolo(cfg, "yolo11n", yolo11n, images)
+    check_rtx(yolo11n)
+
+
+def test_rtdetr_l_every_stage(cfg, rtdetr, images):
+    from kiln.postprocess import ultralytics_rtdetr_detections
+    from kiln.validate.parity import detections as match
+
+    spec = cfg.models["rtdetr_l"]
+    m = onnx.load(str(rtdetr["export"]))
+    ops = {n.op_type for n in m.graph.node}
+    assert [o.name for o in m.graph.output] == ["output0"]
+    assert {"GridSample", "TopK"} <= ops  # deformable attention samples with GridSample
+    assert "LayerNormalization" in ops  # opset 17: the AIFI encoder's LayerNorm as one op
+    # The TensorRT 8.5 device at opset 17 made the shared graph decompose it (numerically neutral).
+    assert "decompose_layernorm" in rtdetr["surgery_params"]["surgery"]
+    step = next(s for s in rtdetr["surgery_record"]["passes"] if s["pass"] == "decompose_layernorm")
+    assert step["rewritten"] >= 1 and step["required_by"] == ["orin"]
+    assert "LayerNormalization" not in {n.op_type for n in onnx.load(str(rtdetr["surgery"])).graph.node}
+    x = images[256]
+    with torch.no_grad():
+        ref = export.build_module(spec)(torch.from_numpy(x)).numpy()
+    got = sess(rtdetr["surgery"]).run(None, {"images": x})[0]
+    before = sess(rtdetr["simplified"]).run(None, {"images": x})[0]
+    assert ref.shape == got.shape == (2, 300, 6)  # cx cy w h (0..1), score, class: the decoder's top 300
+    # Random weights tie many scores, so the top-k order among equals is free: compare sorted scores,
+    # then the detections as sets (the validate stage's matching).
+    for a in (got, before):
+        np.testing.assert_allclose(np.sort(a[..., 4], -1), np.sort(ref[..., 4], -1), rtol=1e-4, atol=1e-5)
+        dets = [ultralytics_rtdetr_detections(v, spec.input_size, 0.0) for v in (ref, a)]
+        assert match(dets[0], dets[1], min_score=0.0, iou=0.9)["match_rate"] >= 0.99
+    fp16 = sess(rtdetr["fp16"]).run(None, {"images": x})[0]
+    assert fp16.shape == got.shape and np.isfinite(fp16).all()
+    assert cosine(np.sort(fp16[..., 4], -1), np.sort(got[..., 4], -1)) > 0.999
+    assert sess(rtdetr["int8"]).run(None, {"images": x})[0].shape == got.shape
+    check_rtx(rtdetr)
+
+
+def test_nms_in_the_graph_keeps_per_image_detections(root, images, checkpoint, cfg):
+    """YOLOv8n with nms: onnx (built for ONNX Runtime only: TensorRT-RTX cannot build NonMaxSuppression)."""
+    from kiln.postprocess import decode_yolo, nms_output_detections
+    from kiln.precision import PrecisionOptions, make_variant
+
+    raw = raw_config(root)
+    m = raw["models"]["yolov8n"]
+    del m["ultralytics_yaml"]
+    m.update(checkpoint=str(checkpoint), trust_checkpoint=True, nms="onnx",
+             decode={"conf_threshold": 0.05, "max_det": 100})
+    with pytest.raises(KilnError, match=r"'devices.rtx' builds model 'yolov8n', whose nms: onnx appends NonMaxSuppression"):
+        load(copy.deepcopy(raw), base=root)
+    raw["devices"] = {"cpu": {"backend": "onnxruntime", "precisions": ["fp32", "fp16"], "models": ["yolov8n"]}}
+    cfg = load(raw, base=root)
+    spec = cfg.models["yolov8n"]
+    d = root / "nms"
+    d.mkdir()
+    export.export_onnx(spec, 17, d / "e.onnx")
+    simplify.simplify(d / "e.onnx", d / "s.onnx", d / "s.json")
+    sp = surgery.params(cfg, "yolov8n", 17)
+    assert sp["nms"] == {"kind": "onnx", "conf_threshold": 0.05, "iou_threshold": 0.6, "max_det": 100}
+    surgery.run_passes(d / "s.onnx", d / "g.onnx", d / "g.json", sp["surgery"], nms=sp["nms"])
+    x = images[320]
+    num, boxes, scores, classes = sess(d / "g.onnx").run(None, {"images": x})
+    raw_out = sess(d / "s.onnx").run(None, {"images": x})[0]
+    assert num.shape == (2, 1) and boxes.shape == (2, 100, 4)
+    got = nms_output_detections(num, boxes, scores, classes)
+    want = decode_yolo(raw_out, 0.05, 0.6, 100)
+    for g, (wb, ws, wc) in zip(got, want):
+        assert len(g["scores"]) == len(ws) > 0
+        np.testing.assert_allclose(g["scores"], ws, rtol=1e-5)
+        np.testing.assert_allclose(g["boxes"], wb, rtol=1e-4, atol=1e-2)
+        np.testing.assert_array_equal(g["labels"], wc)
+    assert not np.array_equal(scores[0], scores[1])  # each image its own detections
+    one = sess(d / "g.onnx").run(None, {"images": x[1:]})
+    np.testing.assert_allclose(one[2][0], scores[1], rtol=1e-5)
+    # AutoCast keeps NonMaxSuppression in fp32 (ONNX defines it for float only): the fp16 variant runs.
+    make_variant(d / "g.onnx", d / "fp16.onnx", PrecisionOptions("fp16"), log=lambda s: None)
+    n16 = sess(d / "fp16.onnx").run(None, {"images": x})
+    assert n16[0].shape == (2, 1) and abs(int(n16[0][0, 0]) - int(num[0, 0])) <= max(3, int(num[0, 0]) // 10)
+
+
+def test_checkpoint_needs_trust_and_loads_with_it(root, checkpoint, cfg):
+    """An Ultralytics .pt pickles the model object: refused at config load unless trust_checkpoint."""
+    raw = raw_config(root)
+    raw["models"] = {"det": {"source": "ultralytics", "checkpoint": str(checkpoint), "layout": "yolo",
+                             "dataset": "demo", "input_size": [320, 320], "calibration": {"images": 8}}}
+    raw["devices"] = {"cpu": {"backend": "onnxruntime", "precisions": ["fp32"]}}
+    with pytest.raises(KilnError) as err:
+        load(copy.deepcopy(raw), base=root)
+    assert "pickles the whole model object, so loading it can run code" in str(err.value)
+    assert "set 'models.det.trust_checkpoint: true' only if you trust where the file comes from" in str(err.value)
+    raw["models"]["det"]["trust_checkpoint"] = True
+    spec = load(raw, base=root).models["det"]
+    export.export_onnx(spec, 17, root / "det.onnx")
+    x = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
+    got = sess(root / "det.onnx").run(None, {"images": x})[0]
+    with torch.no_grad():
+        ref = export.build_module(spec)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+    with pytest.raises(KilnError, match=r"'models.det.layout' is 'ultralytics_rtdetr' but this Ultralytics model "
+                                        r"\(Detect head\) exports layout 'yolo'"):
+        bad = copy.deepcopy(raw)
+        bad["models"]["det"]["layout"] = "ultralytics_rtdetr"
+        export.build_module(load(bad, base=root).models["det"])
