@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 
 
-def detections_to_coco(
-    image_ids: Sequence[int], detections: Sequence[dict], category_ids: Sequence[int]
-) -> list[dict]:
+def detections_to_coco(image_ids: Sequence[int], detections: Sequence[dict], category_ids: Sequence[int]) -> list[dict]:
     """COCO result records from per-image detection dicts (0-based ``labels``).
 
     ``category_ids[label]`` gives the dataset's category id (COCO ids are not

@@ -126,10 +126,7 @@ def yolo_detections(
 
     Boxes stay in model-input pixels; undo letterboxing with :func:`scale_boxes_letterbox`.
     """
-    return [
-        {"boxes": b, "scores": s, "labels": c}
-        for b, s, c in decode_yolo(output, conf_thres, iou_thres, max_det)
-    ]
+    return [{"boxes": b, "scores": s, "labels": c} for b, s, c in decode_yolo(output, conf_thres, iou_thres, max_det)]
 
 
 def rtdetr_detections(
@@ -225,12 +222,19 @@ def nms_output_detections(
     num = np.asarray(num).reshape(-1)
     boxes, scores, classes = np.asarray(boxes, np.float32), np.asarray(scores, np.float32), np.asarray(classes)
     if boxes.ndim != 3 or boxes.shape[:2] != scores.shape or classes.shape != scores.shape or len(num) != len(boxes):
-        raise ValueError(f"NMS outputs disagree: num_detections {num.shape}, boxes {boxes.shape}, "
-                         f"scores {scores.shape}, classes {classes.shape}")
+        raise ValueError(
+            f"NMS outputs disagree: num_detections {num.shape}, boxes {boxes.shape}, "
+            f"scores {scores.shape}, classes {classes.shape}"
+        )
     results = []
     for n, b, s, c in zip(num, boxes, scores, classes):
         n = int(min(max(int(n), 0), len(s)))
         keep = s[:n] > conf_thres
-        results.append({"boxes": b[:n][keep].astype(np.float32), "scores": s[:n][keep].astype(np.float32),
-                        "labels": c[:n][keep].astype(np.int64)})
+        results.append(
+            {
+                "boxes": b[:n][keep].astype(np.float32),
+                "scores": s[:n][keep].astype(np.float32),
+                "labels": c[:n][keep].astype(np.int64),
+            }
+        )
     return results

@@ -23,9 +23,12 @@ def test_demo_config_loads_with_defaults():
     assert y.surgery == ("remove_training_nodes", "fold_constants", "cleanup", "infer_shapes")
     assert y.decode == {"conf_threshold": 0.001, "iou_threshold": 0.6, "max_det": 300}
     assert cfg.validation["thresholds"]["int8"]["map50_drop_max"] == 0.05
-    assert cfg.opsets("yolo_demo") == [17]
-    assert cfg.precisions("yolo_demo", 17) == ["fp32", "fp16", "int8"]
-    assert len(cfg.jobs()) == 6
+    assert cfg.opsets("yolo_demo") == [16, 17]  # the Jetson on TensorRT 8.5 exports at opset 16
+    # Variant ONNX files needed: ONNX Runtime and TensorRT 11 use the variants themselves; TensorRT 8.5
+    # builds fp16 and calibrated int8 from the fp32 ONNX by builder flags.
+    assert cfg.precisions("yolo_demo", 17) == ["fp32", "fp16", "bf16", "int8", "fp8"]
+    assert cfg.precisions("yolo_demo", 16) == ["fp32"]
+    assert len(cfg.jobs()) == 2 * (3 + 3 + 5 + 3)
 
 
 def test_defaults_are_not_shared_between_models(config_dict):

@@ -27,7 +27,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_generate_split_is_byte_identical(tmp_path: Path) -> None:
     a = generate_split(tmp_path / "a", "val", 4, seed=0)
     b = generate_split(tmp_path / "b", "val", 4, seed=0)
-    assert a.name == "annotations.json"
+    assert a.name == b.name == "annotations.json"
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert set(fa) == {"annotations.json"} | {f"images/val_{i:06d}.png" for i in range(4)}
     assert fa == fb
@@ -67,18 +67,18 @@ def test_yolo_output_layout() -> None:
     torch.manual_seed(0)
     m = yolo_demo(num_classes=3)
     with torch.no_grad():
-        out = m(torch.rand(2, 3, 256, 256))
-        assert out.shape == (2, 7, 32 * 32 + 16 * 16 + 8 * 8) and out.dtype == torch.float32
+        out = m(torch.rand(2, 3, 128, 128))
+        assert out.shape == (2, 7, 16 * 16 + 8 * 8 + 4 * 4) and out.dtype == torch.float32
         assert bool(((out[:, 4:] >= 0) & (out[:, 4:] <= 1)).all())
         assert bool((out[:, 2:4] > 0).all())  # widths/heights positive
-        wide = m(torch.rand(1, 3, 256, 320))  # non-square, H and W divisible by 32
-        assert wide.shape == (1, 7, 32 * 40 + 16 * 20 + 8 * 10)
+        wide = m(torch.rand(1, 3, 128, 192))  # non-square, H and W divisible by 32
+        assert wide.shape == (1, 7, 16 * 24 + 8 * 12 + 4 * 6)
 
 
 def test_rtdetr_output_layout_and_scaling() -> None:
     torch.manual_seed(0)
     m = rtdetr_demo(num_classes=3, num_queries=50, num_top_queries=40)
-    x = torch.rand(2, 3, 256, 256)
+    x = torch.rand(2, 3, 128, 128)  # 8*8 + 4*4 = 80 tokens >= 50 queries
     sizes = torch.tensor([[640, 480], [256, 256]], dtype=torch.int64)
     with torch.no_grad():
         labels, boxes, scores = m(x, sizes)
@@ -93,11 +93,19 @@ def test_rtdetr_output_layout_and_scaling() -> None:
     torch.testing.assert_close(boxes, unit_boxes * scale)
 
 
-def _export(model: torch.nn.Module, args: tuple, path: Path, opset: int, names: list[str], outputs: list[str]) -> onnx.ModelProto:
+def _export(
+    model: torch.nn.Module, args: tuple, path: Path, opset: int, names: list[str], outputs: list[str]
+) -> onnx.ModelProto:
     dyn = {n: {0: "batch"} for n in names + outputs}
     torch.onnx.export(
-        model, args, str(path), opset_version=opset, dynamo=False,
-        input_names=names, output_names=outputs, dynamic_axes=dyn,
+        model,
+        args,
+        str(path),
+        opset_version=opset,
+        dynamo=False,
+        input_names=names,
+        output_names=outputs,
+        dynamic_axes=dyn,
     )
     return onnx.load(str(path))
 
@@ -106,8 +114,18 @@ def _export(model: torch.nn.Module, args: tuple, path: Path, opset: int, names: 
 def test_rtdetr_onnx_has_mod_and_layernorm_only_at_opset17(tmp_path: Path) -> None:
     m = rtdetr_demo(num_queries=30, num_top_queries=20)
     args = (torch.rand(1, 3, 128, 128), torch.tensor([[128, 128]], dtype=torch.int64))
-    ops17 = {n.op_type for n in _export(m, args, tmp_path / "r17.onnx", 17, ["images", "orig_target_sizes"], ["labels", "boxes", "scores"]).graph.node}
-    ops16 = {n.op_type for n in _export(m, args, tmp_path / "r16.onnx", 16, ["images", "orig_target_sizes"], ["labels", "boxes", "scores"]).graph.node}
+    ops17 = {
+        n.op_type
+        for n in _export(
+            m, args, tmp_path / "r17.onnx", 17, ["images", "orig_target_sizes"], ["labels", "boxes", "scores"]
+        ).graph.node
+    }
+    ops16 = {
+        n.op_type
+        for n in _export(
+            m, args, tmp_path / "r16.onnx", 16, ["images", "orig_target_sizes"], ["labels", "boxes", "scores"]
+        ).graph.node
+    }
     assert "Mod" in ops17 and "Mod" in ops16
     assert "LayerNormalization" in ops17
     assert "LayerNormalization" not in ops16
@@ -181,11 +199,13 @@ def test_coco_map_perfect_and_empty(tmp_path: Path) -> None:
     for i in ids:
         anns = [a for a in ann["annotations"] if a["image_id"] == i]
         xywh = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
-        dets.append({
-            "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
-            "scores": np.ones(len(anns), np.float32),
-            "labels": np.array([cat_ids.index(a["category_id"]) for a in anns]),
-        })
+        dets.append(
+            {
+                "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                "scores": np.ones(len(anns), np.float32),
+                "labels": np.array([cat_ids.index(a["category_id"]) for a in anns]),
+            }
+        )
     perfect = coco_map(ann_path, ids, dets, cat_ids)
     assert perfect["map50"] == pytest.approx(1.0) and perfect["map50_95"] == pytest.approx(1.0)
     empty = [{"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)} for _ in ids]
@@ -201,8 +221,11 @@ def test_committed_checkpoint_loads(name: str, factory) -> None:
         pytest.skip(f"{ckpt.relative_to(REPO)} or demo_models.json not present (run scripts/train_demo.py)")
     entry = json.loads(manifest.read_text())["models"][name]
     assert ckpt.stat().st_size < 5_000_000
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    # The workflow's config passes only num_classes, so the factory defaults must match too.
+    factory(num_classes=entry["factory_args"]["num_classes"]).load_state_dict(state, strict=True)
     model = factory(**entry["factory_args"])
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True), strict=True)
+    model.load_state_dict(state, strict=True)
     model.eval()
     h, w = entry["input_size"]
     x = torch.rand(1, 3, h, w)

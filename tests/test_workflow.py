@@ -168,8 +168,9 @@ def engines(device: str, model: str, precisions=PRECISIONS, validate: bool = Tru
 def test_editing_one_device_reruns_only_its_jobs(run):
     work, _ = run
     cfg = tiny_config()
-    cfg["devices"]["cpu"]["batch_sizes"] = [1, 2]  # latency sweep: validation only
-    assert planned_jobs(work, cfg) == {("validate", "cpu", m, p) for m in MODELS for p in PRECISIONS} | {("summary",)}
+    cfg["devices"]["cpu"]["batch_sizes"] = [1, 2]  # latency sweep: validation and the PyTorch baseline only
+    expected = {("validate", "cpu", m, p) for m in MODELS for p in PRECISIONS} | {("baseline", "cpu", m) for m in MODELS}
+    assert planned_jobs(work, cfg) == expected | {("summary",)}
     cfg = tiny_config()
     cfg["devices"]["rtx"]["builder_optimization_level"] = 2  # builder option: that device's builds
     assert planned_jobs(work, cfg) == {j for m in MODELS for j in engines("rtx", m, validate=False)} | {("summary",)}
@@ -180,6 +181,7 @@ def test_editing_one_model_reruns_only_its_chain(run):
     cfg = tiny_config()
     cfg["models"]["yolo_demo"]["dynamic_hw"] = True
     expected = onnx_chain("yolo_demo") | engines("cpu", "yolo_demo") | engines("rtx", "yolo_demo", validate=False)
+    expected.add(("baseline", "cpu", "yolo_demo"))
     assert planned_jobs(work, cfg) == expected | {("summary",)}
 
 
@@ -196,6 +198,7 @@ def test_adding_a_device_adds_only_its_jobs(run):
     cfg = tiny_config()
     cfg["devices"]["cpu2"] = dict(cfg["devices"]["cpu"], precisions=["fp32"], threads=1)
     expected = {("build", "cpu2", m, "fp32") for m in MODELS} | {("validate", "cpu2", m, "fp32") for m in MODELS}
+    expected |= {("baseline", "cpu2", m) for m in MODELS}
     assert planned_jobs(work, cfg) == expected | {("summary",)}
 
 

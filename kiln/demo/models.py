@@ -99,9 +99,7 @@ class FPN(nn.Module):
         return [p3, p4, p5]
 
 
-def make_anchor_points(
-    feats: list[torch.Tensor], strides: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def make_anchor_points(feats: list[torch.Tensor], strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Cell-centre points (A, 2) in input pixels and their strides (A, 1).
 
     Built from the feature shapes, so any H, W divisible by 32 works; with a static

@@ -195,8 +195,11 @@ def render_image(
     for _ in range(int(rng.integers(2, 6))):
         p = rng.uniform(0, size, 4)
         c = rng.integers(0, 256, 3)
-        draw.line([(float(p[0]), float(p[1])), (float(p[2]), float(p[3]))],
-                  fill=(int(c[0]), int(c[1]), int(c[2])), width=int(rng.integers(1, 3)))
+        draw.line(
+            [(float(p[0]), float(p[1])), (float(p[2]), float(p[3]))],
+            fill=(int(c[0]), int(c[1]), int(c[2])),
+            width=int(rng.integers(1, 3)),
+        )
 
     # Pixel noise over everything (shapes included) so object interiors are not flat.
     sigma = float(rng.uniform(4.0, 16.0))

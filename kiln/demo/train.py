@@ -145,7 +145,9 @@ def pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         - inter
         + 1e-9
     )
-    hull = (torch.maximum(a[..., :, None, 2:], b[..., None, :, 2:]) - torch.minimum(a[..., :, None, :2], b[..., None, :, :2]))
+    hull = torch.maximum(a[..., :, None, 2:], b[..., None, :, 2:]) - torch.minimum(
+        a[..., :, None, :2], b[..., None, :, :2]
+    )
     hull = hull.clamp(min=0).prod(-1) + 1e-9
     return inter / union - (hull - union) / hull
 
@@ -205,7 +207,9 @@ def tal_assign(
     """
     b, a, c = scores.shape
     g = gt_boxes.shape[1]
-    delta = torch.cat((points[None, None] - gt_boxes[:, :, None, :2], gt_boxes[:, :, None, 2:] - points[None, None]), -1)
+    delta = torch.cat(
+        (points[None, None] - gt_boxes[:, :, None, :2], gt_boxes[:, :, None, 2:] - points[None, None]), -1
+    )
     mask_in = (delta.amin(-1) > 1e-9) & gt_mask[:, :, None]  # (B, G, A)
     cls_scores = scores.transpose(1, 2).gather(1, gt_labels[:, :, None].expand(-1, -1, a))  # (B, G, A)
     ious = pairwise_iou(gt_boxes, pred_boxes).clamp(min=0) * mask_in
@@ -285,7 +289,11 @@ def hungarian_match(
 
 
 def set_loss(
-    logits: torch.Tensor, boxes_cxcywh: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor, gt_mask: torch.Tensor
+    logits: torch.Tensor,
+    boxes_cxcywh: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    gt_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """RT-DETR decoder loss: varifocal (IoU-aware) classification + L1 + GIoU, one-to-one.
 
@@ -323,7 +331,9 @@ def yolo_loss(model: YoloDemo, x: torch.Tensor, gt_boxes, gt_labels, gt_mask) ->
     return dense_loss(out["logits"], out["boxes"], out["points"], gt_boxes, gt_labels, gt_mask)
 
 
-def rtdetr_loss(model: RTDETRDemo, x: torch.Tensor, gt_boxes, gt_labels, gt_mask) -> tuple[torch.Tensor, dict[str, float]]:
+def rtdetr_loss(
+    model: RTDETRDemo, x: torch.Tensor, gt_boxes, gt_labels, gt_mask
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Dense (one-to-many) loss on encoder tokens + one-to-one loss on each decoder layer."""
     out = model.forward_raw(x)
     h, w = x.shape[-2:]
@@ -332,7 +342,10 @@ def rtdetr_loss(model: RTDETRDemo, x: torch.Tensor, gt_boxes, gt_labels, gt_mask
     # Token centres in pixels: the encoder's anchors sit at cell centres.
     points = torch.cat(
         [
-            torch.stack(torch.meshgrid((torch.arange(h // s) + 0.5) * s, (torch.arange(w // s) + 0.5) * s, indexing="ij")[::-1], -1).reshape(-1, 2)
+            torch.stack(
+                torch.meshgrid((torch.arange(h // s) + 0.5) * s, (torch.arange(w // s) + 0.5) * s, indexing="ij")[::-1],
+                -1,
+            ).reshape(-1, 2)
             for s in model.token_strides
         ]
     ).to(x.dtype)
@@ -340,10 +353,10 @@ def rtdetr_loss(model: RTDETRDemo, x: torch.Tensor, gt_boxes, gt_labels, gt_mask
     logs = {f"enc_{k}": v for k, v in logs.items()}
     gt_norm = gt_boxes / scale
     for i, (lg, bx) in enumerate(out["aux"]):
-        l, lg_logs = set_loss(lg, bx, gt_norm, gt_labels, gt_mask)
-        loss = loss + l
+        layer_loss, layer_logs = set_loss(lg, bx, gt_norm, gt_labels, gt_mask)
+        loss = loss + layer_loss
         if i == len(out["aux"]) - 1:
-            logs.update(lg_logs)
+            logs.update(layer_logs)
     return loss, logs
 
 
@@ -490,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the Kiln demo detectors on the procedural shapes dataset (CPU).")
     ap.add_argument("--out-dir", type=Path, default=Path("models"), help="where checkpoints + demo_models.json go")
     ap.add_argument(
-        "--data-dir", type=Path, default=None,
+        "--data-dir",
+        type=Path,
+        default=None,
         help="where the train/val splits are generated (default: a temporary directory, removed afterwards)",
     )
     ap.add_argument("--train-images", type=int, default=2400)
@@ -522,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, data_dir: Path, t_all: float, log: Callable[[str], None]) -> int:
     """Generate data, train the requested models, write checkpoints and the manifest."""
     train_ann = generate_split(data_dir / "train", "train", args.train_images, seed=0, image_size=IMAGE_SIZE)
-    val_ann = generate_split(data_dir / VAL_SPLIT[0], VAL_SPLIT[0], VAL_SPLIT[1], seed=VAL_SPLIT[2], image_size=IMAGE_SIZE)
+    val_ann = generate_split(
+        data_dir / VAL_SPLIT[0], VAL_SPLIT[0], VAL_SPLIT[1], seed=VAL_SPLIT[2], image_size=IMAGE_SIZE
+    )
     train, val = load_split(train_ann), load_split(val_ann)
     log(f"data: {len(train.image_ids)} train / {len(val.image_ids)} val images ({time.time() - t_all:.0f}s)")
 
@@ -595,8 +612,13 @@ def _run(args: argparse.Namespace, data_dir: Path, t_all: float, log: Callable[[
             "input_size": [IMAGE_SIZE, IMAGE_SIZE],
             "input_format": "RGB float32 /255 NCHW",
             **spec["extra"],
-            "training": {**asdict(cfg), "train_images": args.train_images, "threads": args.threads,
-                         "seconds": round(secs, 1), "torch": torch.__version__},
+            "training": {
+                **asdict(cfg),
+                "train_images": args.train_images,
+                "threads": args.threads,
+                "seconds": round(secs, 1),
+                "torch": torch.__version__,
+            },
             "val_metrics": {"map50": round(metrics["map50"], 4), "map50_95": round(metrics["map50_95"], 4)},
         }
         manifest["models"][name] = entry
