@@ -37,9 +37,13 @@ PAGE_HTML = "{results}/report/kiln.html"
 PAGE_MD = "{results}/report/kiln.md"
 MODEL_PLOTS = "{results}/report/plots/models"
 DEVICE_PLOTS = "{results}/report/plots/devices"
-MODEL_PLOT = MODEL_PLOTS + "/{model}/{plot}.png"
-DEVICE_PLOT = DEVICE_PLOTS + "/{model}/{device}/{plot}.png"
-DEVICE_PICTURE = DEVICE_PLOTS + "/{model}/{device}/{plot}.jpg"  # detection pictures side by side (photos: JPEG)
+# Inside those folders (the page rule declares the folders: under storage they are local copies).
+MODEL_PLOT_IN = "{model}/{plot}.png"
+DEVICE_PLOT_IN = "{model}/{device}/{plot}.png"
+DEVICE_PICTURE_IN = "{model}/{device}/{plot}.jpg"  # detection pictures side by side (photos: JPEG)
+MODEL_PLOT = MODEL_PLOTS + "/" + MODEL_PLOT_IN
+DEVICE_PLOT = DEVICE_PLOTS + "/" + DEVICE_PLOT_IN
+DEVICE_PICTURE = DEVICE_PLOTS + "/" + DEVICE_PICTURE_IN
 LOG = "{results}/logs/{rule}/{name}.log"
 
 

@@ -45,7 +45,7 @@ rule page:
         md=P(paths.PAGE_MD),
         model_plots=report(
             directory(P(paths.MODEL_PLOTS)),
-            patterns=["{model}/{plot}.png"],
+            patterns=[paths.MODEL_PLOT_IN],
             caption="../report/plot.rst",
             category="{model}",
             subcategory="all devices",
@@ -53,7 +53,7 @@ rule page:
         ),
         device_plots=report(
             directory(P(paths.DEVICE_PLOTS)),
-            patterns=["{model}/{device}/{plot}.png", "{model}/{device}/{plot}.jpg"],
+            patterns=[paths.DEVICE_PLOT_IN, paths.DEVICE_PICTURE_IN],
             caption="../report/plot.rst",
             category="{model}",
             subcategory="{device}",

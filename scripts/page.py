@@ -4,4 +4,6 @@ from kiln.entry import script
 from kiln.report.page import write_page
 
 with script(snakemake) as cfg:  # noqa: F821
-    write_page(cfg.results, snakemake.output.html, snakemake.output.md, snakemake.input.summary, list(snakemake.input))
+    out = snakemake.output  # noqa: F821
+    write_page(cfg.results, out.html, out.md, snakemake.input.summary, list(snakemake.input),  # noqa: F821
+               model_plots=out.model_plots, device_plots=out.device_plots)

@@ -7,8 +7,8 @@ workflow and the config:
                  edge's engines and validations, rtx's ahead-of-time engine -> storage (the CPU stages'
                  outputs are taken as they are); then B's folder is deleted
   A:             snakemake --config gather=true              fails first, naming rtx (nobody here
-                 can validate it), then, for devices cpu,edge: the summary, with B's edge rows
-                 taken from storage and A's own cpu rows made on A.
+                 can validate it), then, for devices cpu,edge: the summary and the page (README's
+                 default target), with B's edge rows taken from storage and A's own cpu rows made on A.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ DEVICES = {
             "batch_sizes": [1], "builder_optimization_level": 1},
 }
 SUMMARY = ["results/report/summary.json", "results/report/summary.csv", "results/report/summary.md"]
+PAGE = ["results/report/kiln.html", "results/report/kiln.md"]
 DEVICE_RULES = ["build", "baseline", "validate", "diagnose", "engines"]  # what a device host runs (README)
 
 
@@ -104,8 +105,8 @@ def flow(hosts):
     steps["engines"] = snakemake(hosts, "b", "engines", "--config", "devices=edge,rtx", "--allowed-rules", *DEVICE_RULES)
     assert steps["engines"].returncode == 0, tail(steps["engines"])
     shutil.rmtree(hosts["b"])  # host B is gone: what A gathers must be in storage
-    steps["gather_all"] = snakemake(hosts, "a", *SUMMARY, "--config", "gather=true")
-    steps["gather"] = snakemake(hosts, "a", *SUMMARY, "--config", "gather=true", "devices=cpu,edge")
+    steps["gather_all"] = snakemake(hosts, "a", "--config", "gather=true")  # README's step 3, as it is
+    steps["gather"] = snakemake(hosts, "a", "--config", "gather=true", "devices=cpu,edge")
     assert steps["gather"].returncode == 0, tail(steps["gather"])
     return steps
 
@@ -158,7 +159,7 @@ def test_gathering_host_summary_has_every_row(flow, hosts):
     store = hosts["store"]
     ran = jobs_run(flow["gather"])
     # A validates its own cpu device; edge's rows come from storage (no edge job, no CPU stage rerun).
-    assert {(r, w.get("device")) for r, w in ran} >= {("validate", "cpu"), ("summary", None)}, ran
+    assert {(r, w.get("device")) for r, w in ran} >= {("validate", "cpu"), ("summary", None), ("page", None)}, ran
     assert not [(r, w) for r, w in ran if w.get("device") not in (None, "cpu")], ran
     assert not [r for r, _ in ran if r in ("dataset", "inputs", "export", "simplify", "surgery", "precision",
                                            "quantize", "reference")], ran
@@ -171,6 +172,20 @@ def test_gathering_host_summary_has_every_row(flow, hosts):
         assert row["engine_bytes"] == v["build"]["engine_bytes"] > 0
         assert row["simplify"].startswith("simplified") and row["onnx_bytes"] > 10_000
     assert (store / SUMMARY[2]).read_text().count("| yolo_demo | edge |") == 2
+
+
+def test_gathering_host_page_and_figures_go_to_storage(flow, hosts):
+    store, a = hosts["store"], hosts["a"]
+    html, md = (store / p for p in PAGE)
+    assert "edge" in html.read_text() and "cpu" in html.read_text()
+    # Figures drawn from B's measurements (edge) and A's own (cpu), put in storage beside the page.
+    plots = store / "results/report/plots/devices/yolo_demo"
+    for dev in ("cpu", "edge"):
+        png = plots / dev / "latency.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"plots/devices/yolo_demo/{dev}/latency.png" in md.read_text()
+    assert (store / "results/report/plots/models/yolo_demo/accuracy_latency.png").stat().st_size > 1000
+    assert not (a / "results/report").exists()  # nothing written beside storage
 
 
 def test_run_options_are_taken_out_of_the_config():

@@ -181,28 +181,29 @@ TITLES = {"accuracy_latency": "Accuracy vs latency (Pareto front of the engines 
           "throughput": "Throughput vs batch size"}
 
 
-def draw(run: Run, results: str) -> dict[str, list[Figure]]:
-    """Draw every figure the run has data for, write each at its paths pattern; model -> figures."""
-    for folder in (paths.MODEL_PLOTS, paths.DEVICE_PLOTS):
-        Path(paths.fmt(folder, results=results)).mkdir(parents=True, exist_ok=True)
+def draw(run: Run, model_plots: str | Path, device_plots: str | Path) -> dict[str, list[Figure]]:
+    """Draw every figure the run has data for into the two plots folders (paths.*_IN); model -> figures."""
+    model_plots, device_plots = Path(model_plots), Path(device_plots)
+    for folder in (model_plots, device_plots):
+        folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, list[Figure]] = {}
     for m in run.models:
         figs = out.setdefault(m.name, [])
         for name, fn in plots.MODEL_PLOTS.items():
             png = fn(m)
             if png:
-                p = Path(paths.fmt(paths.MODEL_PLOT, results=results, model=m.name, plot=name))
+                p = model_plots / paths.fmt(paths.MODEL_PLOT_IN, model=m.name, plot=name)
                 figs.append(Figure(TITLES[name], p, png))
         for dev in m.devices:
             for name, fn in plots.DEVICE_PLOTS.items():
                 png = fn(m, dev)
                 if png:
-                    p = Path(paths.fmt(paths.DEVICE_PLOT, results=results, model=m.name, device=dev, plot=name))
+                    p = device_plots / paths.fmt(paths.DEVICE_PLOT_IN, model=m.name, device=dev, plot=name)
                     figs.append(Figure(f"{TITLES[name]}: {dev}", p, png))
             for name in plots.picture_names(m, dev):
                 jpeg = plots.detections_side_by_side(m, dev, name)
                 plot = Path(name).stem  # detections_<image id>, as validation named it
-                p = Path(paths.fmt(paths.DEVICE_PICTURE, results=results, model=m.name, device=dev, plot=plot))
+                p = device_plots / paths.fmt(paths.DEVICE_PICTURE_IN, model=m.name, device=dev, plot=plot)
                 figs.append(Figure(f"{dev}, validation image {plot.split('_', 1)[-1]}: detections per precision", p,
                                    jpeg, pictures=True))
         for f in figs:
@@ -442,14 +443,17 @@ DATA_URL_LIMIT = 2 * 1024 * 1024
 
 
 def write_page(results: str | Path, out_html: str | Path, out_md: str | Path,
-               summary_json: str | Path | None = None, inputs: list[str] | None = None) -> Run:
-    """Read the run under `results`, draw its figures (PNG files under the plots folders) and write both pages.
+               summary_json: str | Path | None = None, inputs: list[str] | None = None,
+               model_plots: str | Path | None = None, device_plots: str | Path | None = None) -> Run:
+    """Read the run under `results`, draw its figures into the plots folders and write both pages.
 
-    `inputs` are the rule's input files (local copies of the records under a storage provider).
+    `inputs` are the rule's input files and `model_plots` / `device_plots` its output folders: under a
+    storage provider these are local copies, not paths under `results` (README: Building on devices).
     """
     results = str(results)
     run = load(results, summary_json, inputs)
-    figures = draw(run, results)
+    figures = draw(run, model_plots or paths.fmt(paths.MODEL_PLOTS, results=results),
+                   device_plots or paths.fmt(paths.DEVICE_PLOTS, results=results))
     out_html, out_md = Path(out_html), Path(out_md)
     page = render_html(run, figures, out_html.parent)
     with atomic_path(out_html) as tmp:
