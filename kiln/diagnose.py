@@ -24,6 +24,7 @@ column carries the hint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 
 from kiln.errors import KilnError
-from kiln.util import read_json, write_json
+from kiln.util import atomic_path, read_json, scratch_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def check(onnx_path: Path, device, precision: str, stage: str) -> tuple[int, str
         return OTHER, "parse", f"{type(err).__name__}: {err}"
     if stage == "parse":
         return PASS, "parse", ""
-    with tempfile.TemporaryDirectory(prefix="kiln-diagnose-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="build-", dir=".") as tmp:  # cwd: diagnose()'s scratch folder
         try:
             if precision == "int8" and device.int8_mode == "calibrator":
                 precision = "fp32"  # a subgraph has no calibration data: the failure is in the network
@@ -227,10 +228,11 @@ def diagnose(onnx_path: Path, device, precision: str, out: Path, spec=None, work
         raise KilnError(f"diagnose: {device.backend} is not installed on this host")
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    keep = work is not None
-    work = Path(work or tempfile.mkdtemp(prefix="kiln-diagnose-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with contextlib.ExitStack() as stack:
+        # Polygraphy's intermediates: in a scratch folder beside `out` (removed after, or by the next run if
+        # this one is killed), or in `work` when given (kept, for a look at them).
+        work = Path(work) if work is not None else stack.enter_context(scratch_dir(out))
+        work.mkdir(parents=True, exist_ok=True)
         dev_file = work / "device.json"
         dev_file.write_text(device_json(device))
         base = [sys.executable, "-m", "kiln.diagnose", "check", "--device-json", str(dev_file),
@@ -289,7 +291,8 @@ def diagnose(onnx_path: Path, device, precision: str, out: Path, spec=None, work
         opset = next((o.version for o in onnx.load(str(onnx_path), load_external_data=False).opset_import
                       if o.domain in ("", "ai.onnx")), None)
         failing = _failing_nodes(message, nodes)
-        shutil.copy(reduced, out.parent / "reduced.onnx")
+        with atomic_path(out.parent / "reduced.onnx") as tmp:
+            shutil.copyfile(reduced, tmp)
         record.update(
             status="diagnosed",
             reduced_onnx=str(out.parent / "reduced.onnx"),
@@ -303,9 +306,6 @@ def diagnose(onnx_path: Path, device, precision: str, out: Path, spec=None, work
         write_json(out, record)
         log.info("diagnose %s: %s", device.name, record["hint"])
         return record
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def run_rule(cfg, device: str, model: str, precision: str, engine_record: Path, onnx_path: Path, out: Path) -> dict:

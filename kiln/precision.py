@@ -23,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +36,7 @@ import numpy as np
 import onnx
 
 from kiln.errors import KilnError
+from kiln.util import atomic_path, scratch_dir, write_json
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 LOW_PRECISIONS = ("fp16", "bf16")
@@ -261,8 +260,7 @@ def make_variant(
 
     # ModelOpt writes intermediates (<name>_opset19.onnx, _named.onnx, ...) next to its input and
     # output; it works on a copy in a scratch dir so none land beside src or dst, even on failure.
-    with tempfile.TemporaryDirectory(prefix="kiln-precision-") as tmp:
-        work = Path(tmp)
+    with scratch_dir(dst) as work:
         work_src = work / "model.onnx"
         _name_nodes(model)  # exclusion lists and our checks address nodes by name
         onnx.save(model, str(work_src))
@@ -825,41 +823,14 @@ def _warn_about_result(record: dict[str, Any], options: PrecisionOptions, log: C
             log(f"WARNING: output Sigmoid {s['name']} is not plain fp32 ({s}); check the exclusion")
 
 
-@contextlib.contextmanager
-def _atomic_file(dst: Path) -> Iterator[io.BufferedWriter]:
-    """A binary file that becomes ``dst`` by rename when the block succeeds, and vanishes if not.
-
-    The temporary file lives beside ``dst`` so the final os.replace is atomic (same filesystem):
-    readers, and Snakemake, never see a half-written model.
-    """
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should look like any other file
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_write(data: bytes, dst: Path) -> None:
-    with _atomic_file(dst) as f:
-        f.write(data)
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(data)
 
 
 def _atomic_copy(path: Path, dst: Path) -> None:
-    with _atomic_file(dst) as f, open(path, "rb") as g:
-        shutil.copyfileobj(g, f, 1 << 22)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(path, tmp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1021,7 +992,6 @@ def variant_for_rule(
     under a storage provider); by default the artifact path under cfg.results.
     """
     from kiln.inputs import load as load_inputs
-    from kiln.util import atomic_path, write_json
 
     spec = cfg.models[model]
     options = options_from_config(precision, spec.calibration)

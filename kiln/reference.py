@@ -13,6 +13,7 @@ from kiln.inputs import load as load_inputs
 from kiln.util import atomic_path, sha256, write_json
 
 log = logging.getLogger(__name__)
+REFERENCE_PROVIDER = "CPUExecutionProvider"  # the reference must not depend on a GPU
 
 
 def params(cfg: KilnConfig, model: str) -> dict:
@@ -41,18 +42,14 @@ def make_reference(
     """Run the fp32 ONNX on the CPU provider (the reference must not depend on a GPU) and score it."""
     import onnxruntime as ort
 
+    from kiln.backends.onnxruntime import OrtRunner
     from kiln.validate.accuracy import task_map
 
     spec = cfg.models[model]
     inputs = load_inputs(inputs_npz)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
+    runner = OrtRunner(onnx_path, providers=[REFERENCE_PROVIDER], optimize=True)
     t0 = time.perf_counter()
-    outputs = run_batches(
-        lambda feeds: dict(zip(names, session.run(names, feeds))), spec, inputs, cfg.validation["batch_size"]
-    )
+    outputs = run_batches(runner.infer, spec, inputs, cfg.validation["batch_size"])
     seconds = time.perf_counter() - t0
     with atomic_path(out_npz, suffix=".tmp.npz") as tmp:
         np.savez(tmp, **outputs)
@@ -61,7 +58,7 @@ def make_reference(
         "model": model,
         "onnx": str(onnx_path),
         "onnx_sha256": sha256(onnx_path),
-        "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "runtime": f"onnxruntime {ort.__version__} {REFERENCE_PROVIDER}",
         "images": len(inputs),
         "seconds": round(seconds, 3),
         "accuracy": accuracy,

@@ -91,8 +91,10 @@ def kill_group(proc: subprocess.Popen, sig: signal.Signals, timeout: float = 120
 
 
 def leftovers(results: Path) -> list[str]:
-    """Temporary files of atomic writes left beside the outputs (.NAME.XXXX.tmp)."""
-    return sorted(str(p.relative_to(results)) for p in results.rglob(".*.tmp"))
+    """Temporaries left beside the outputs: atomic writes' files (.NAME.XXXX.tmp), tools' scratch folders
+    (.NAME.XXXX.scratch)."""
+    return sorted(str(p.relative_to(results)) for pattern in (".*.tmp", ".*.tmp.*", ".*.scratch")
+                  for p in results.rglob(pattern))
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +123,7 @@ def story(tmp_path_factory):
     os.killpg(first.pid, signal.SIGTERM)  # delivered when the group continues
     seen["first_status"] = kill_group(first, signal.SIGCONT)
     seen["after_term"] = {p: (work / p).exists() for p in (INT8, CALIB_LIST)}
+    seen["leftovers_after_term"] = leftovers(work / "results")
     locks = work / ".snakemake/locks"
     seen["locks_after_term"] = sorted(os.listdir(locks)) if locks.is_dir() else []
 
@@ -129,6 +132,7 @@ def story(tmp_path_factory):
     wait_for_text(second, work / BUILD_LOG, "build rtx/yolo_demo/int8 with", 900, "the rtx build started")
     seen["second_status"] = kill_group(second, signal.SIGKILL)
     seen["after_kill"] = {p: (work / p).exists() for p in (RTX_RECORD, RTX_ENGINE)}
+    seen["leftovers_after_kill"] = leftovers(work / "results")
     seen["int8_sha_before_kill_rerun"] = sha256(work / INT8)
     seen["stale_lock_run"] = subprocess.run(command(work), capture_output=True, text=True, timeout=300)
     seen["unlock"] = subprocess.run(command(work, "--unlock"), capture_output=True, text=True, timeout=300)
@@ -209,3 +213,13 @@ def test_every_artifact_is_complete(story):
     for r in rows:
         assert r["status"] == ("built" if r["device"] == "rtx" else "passed"), r
     assert (results / "report/summary.csv").read_text().count("\n") == 1 + len(ROWS)
+
+
+def test_killed_jobs_temporaries_are_cleared_by_their_rerun(story):
+    """What a killed job leaves beside its outputs (a job cannot clean up after SIGKILL, nor after SIGTERM, which
+    ends a Python script without its `finally`) is removed when the same step runs again."""
+    work, seen = story
+    # Only under the killed jobs' output folders, never a finished-looking name.
+    for name in seen["leftovers_after_term"] + seen["leftovers_after_kill"]:
+        assert Path(name).name.startswith((".int8.onnx.", ".int8.calib.txt.", ".model.engine.", ".engine.json.")), name
+    assert seen["leftovers"] == [], seen["leftovers"]

@@ -1,17 +1,20 @@
-"""Source ultralytics: YOLOv8n, YOLO11n and RT-DETR-l built from Ultralytics' own YAMLs, through every stage.
+"""Source ultralytics: YOLOv8n, YOLO11n and RT-DETR-l built from Ultralytics' own YAMLs, through the whole DAG.
 
 No weights can be downloaded here, so the models carry random weights (seed 0): the tests check
 what does not depend on training: layouts, export in Ultralytics' export mode, parity between
 PyTorch and ONNX Runtime, simplify, surgery (the device-required passes, NMS), the fp16 and int8
-variants, and TensorRT-RTX ahead-of-time builds. Inputs are small (320, RT-DETR 256) to keep the
-CPU cost down; all of it takes about 3 minutes on 2 cores (marked ``slow``: deselect with
-``-m 'not slow'``).
+variants, the CPU device's engines, references, validations and summary rows, and TensorRT-RTX
+ahead-of-time builds. The three models go through one Snakemake run of the workflow (what a user's
+`snakemake --configfile` does). Inputs are small (320, RT-DETR 256) to keep the CPU cost down; all of
+it takes a few minutes on 2 cores (marked ``slow``: deselect with ``-m 'not slow'``).
 """
 
 from __future__ import annotations
 
 import copy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +22,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import REPO, tiny_config, write_config
 
-from kiln import export, simplify, surgery
+from kiln import export, paths, simplify, surgery
 from kiln.config import load
 from kiln.errors import KilnError
+from kiln.util import read_json
 
 ultralytics = pytest.importorskip("ultralytics", reason="ultralytics is not installed (pip install 'kiln[ultralytics]')")
 
@@ -57,7 +61,9 @@ def raw_config(root: Path, **model_extra) -> dict:
             "source": "ultralytics", "ultralytics_yaml": str(root / f"{name}.yaml"), "factory_args": {"nc": NC},
             "layout": "ultralytics_rtdetr" if name.startswith("rtdetr") else "yolo", "dataset": "demo",
             "input_size": [SIZES[name]] * 2, "calibration": {"images": 8}, **model_extra.get(name, {})}
+    raw["datasets"]["demo"]["val"]["count"] = 8
     raw["devices"] = {
+        "cpu": {"backend": "onnxruntime", "opset": 17, "precisions": ["fp32", "fp16", "int8"], "batch_sizes": [1]},
         "rtx": {"backend": "tensorrt-rtx", "compute_capability": "8.9", "opset": 17, "precisions": ["fp32", "fp16", "int8"],
                 "builder_optimization_level": 0, "batch_sizes": [1]},
         # A Jetson on TensorRT 8.5 at the same opset: its parser has no LayerNormalization (kiln/trt_ops.py).
@@ -126,49 +132,47 @@ def checkpoint(root, cfg):
     return path
 
 
-def stages(cfg, name: str, root: Path) -> dict:
-    """export -> simplify -> surgery (model + device passes) -> fp16, int8 -> TensorRT-RTX fp32/fp16/int8."""
-    from kiln.backends import tensorrt_rtx
-    from kiln.precision import PrecisionOptions, make_variant
-    from kiln.util import atomic_path
+@pytest.fixture(scope="module")
+def dag(root):
+    """One `snakemake` run of the workflow on the three models, for the devices of raw_config."""
+    work = root / "dag"
+    work.mkdir()
+    write_config(work / "config.yaml", raw_config(root))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(work / "config.yaml"), "--cores", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return work
 
-    spec = cfg.models[name]
-    d = root / name
-    d.mkdir(exist_ok=True)
-    p = {k: d / f"{k}.onnx" for k in ("export", "simplified", "surgery", "fp16", "int8")}
-    p["export_record"] = export.export_onnx(spec, 17, p["export"])
-    p["simplify_record"] = simplify.simplify(p["export"], p["simplified"], d / "simplify.json")
-    sp = surgery.params(cfg, name, 17)
-    p["surgery_params"] = sp
-    p["surgery_record"] = surgery.run_passes(p["simplified"], p["surgery"], d / "surgery.json", sp["surgery"],
-                                             nms=sp.get("nms"), required_by=surgery.device_passes(cfg, name, 17))
-    size = spec.input_size[0]
-    calib = {"images": np.random.default_rng(0).random((4, 3, size, size), dtype=np.float32)}
+
+def artifacts(work: Path, name: str) -> dict:
+    """The model's ONNX stages, their records and its TensorRT-RTX engine records, as the run wrote them."""
+    def at(pattern: str, **kw) -> Path:
+        return work / paths.fmt(pattern, results="results", model=name, opset=17, **kw)
+
+    p = {"export": at(paths.EXPORT), "simplified": at(paths.SIMPLIFIED), "surgery": at(paths.SURGERY),
+         "simplify_record": read_json(at(paths.SIMPLIFY_RECORD)), "surgery_record": read_json(at(paths.SURGERY_RECORD))}
     for prec in ("fp16", "int8"):
-        make_variant(p["surgery"], p[prec], PrecisionOptions(prec), calib=calib if prec == "int8" else None,
-                     log=lambda s: None)
-    if tensorrt_rtx.is_available() and name in cfg.devices["rtx"].models:
-        for prec, src in (("fp32", p["surgery"]), ("fp16", p["fp16"]), ("int8", p["int8"])):
-            engine = d / "rtx" / prec / "model.engine"
-            with atomic_path(engine) as tmp:
-                p[f"rtx_{prec}"] = tensorrt_rtx.build(src, tmp, cfg.devices["rtx"], prec, validation_batch_size=2)
-            p[f"rtx_{prec}_engine"] = engine
+        p[prec] = at(paths.VARIANT, precision=prec)
+    for prec in ("fp32", "fp16", "int8"):
+        p[f"rtx_{prec}"] = read_json(at(paths.ENGINE_RECORD, device="rtx", precision=prec))
+        p[f"rtx_{prec}_engine"] = at(paths.ENGINE_FILE, device="rtx", precision=prec)
     return p
 
 
 @pytest.fixture(scope="module")
-def yolov8n(cfg, root):
-    return stages(cfg, "yolov8n", root)
+def yolov8n(dag):
+    return artifacts(dag, "yolov8n")
 
 
 @pytest.fixture(scope="module")
-def yolo11n(cfg, root):
-    return stages(cfg, "yolo11n", root)
+def yolo11n(dag):
+    return artifacts(dag, "yolo11n")
 
 
 @pytest.fixture(scope="module")
-def rtdetr(cfg, root):
-    return stages(cfg, "rtdetr_l", root)
+def rtdetr(dag):
+    return artifacts(dag, "rtdetr_l")
 
 
 def check_yolo(cfg, name, art, images):
@@ -200,8 +204,9 @@ def check_rtx(art):
         pytest.skip("TensorRT-RTX is not installed")
     for prec in ("fp32", "fp16", "int8"):
         meta = art[f"rtx_{prec}"]
-        assert art[f"rtx_{prec}_engine"].stat().st_size > 0 and meta["source_precision"] == prec
-        assert meta["compute_capability_targets"] == ["SM89"]
+        assert meta["status"] == "built", meta
+        assert art[f"rtx_{prec}_engine"].stat().st_size == meta["engine_bytes"] > 0
+        assert meta["source_precision"] == prec and meta["compute_capability_targets"] == ["SM89"]
 
 
 def test_yolov8n_every_stage(cfg, yolov8n, images):
@@ -225,7 +230,6 @@ def test_rtdetr_l_every_stage(cfg, rtdetr, images):
     assert {"GridSample", "TopK"} <= ops  # deformable attention samples with GridSample
     assert "LayerNormalization" in ops  # opset 17: the AIFI encoder's LayerNorm as one op
     # The TensorRT 8.5 device at opset 17 made the shared graph decompose it (numerically neutral).
-    assert "decompose_layernorm" in rtdetr["surgery_params"]["surgery"]
     step = next(s for s in rtdetr["surgery_record"]["passes"] if s["pass"] == "decompose_layernorm")
     assert step["rewritten"] >= 1 and step["required_by"] == ["orin"]
     assert "LayerNormalization" not in {n.op_type for n in onnx.load(str(rtdetr["surgery"])).graph.node}
@@ -246,6 +250,28 @@ def test_rtdetr_l_every_stage(cfg, rtdetr, images):
     assert cosine(np.sort(fp16[..., 4], -1), np.sort(got[..., 4], -1)) > 0.999
     assert sess(rtdetr["int8"]).run(None, {"images": x})[0].shape == got.shape
     check_rtx(rtdetr)
+
+
+def test_cpu_device_validates_every_model_and_precision(dag):
+    """The CPU rows of the run: engines built, validated against the fp32 reference, one summary row each."""
+    rows = {(r["model"], r["device"], r["precision"]): r for r in read_json(dag / "results/report/summary.json")["rows"]}
+    models = ("yolov8n", "yolo11n", "rtdetr_l")
+    assert set(rows) == {(m, d, p) for m in models for d, ps in (("cpu", ("fp32", "fp16", "int8")),
+                                                                 ("rtx", ("fp32", "fp16", "int8")), ("orin", ("fp16",)))
+                         for p in ps}
+    for m in models:
+        ref = read_json(dag / paths.fmt(paths.REFERENCE_RECORD, results="results", model=m, opset=17))
+        assert ref["images"] == 8 and 0 <= ref["accuracy"]["map50_95"] <= 1
+        for p in ("fp32", "fp16", "int8"):
+            v = read_json(dag / paths.fmt(paths.VALIDATION, results="results", device="cpu", model=m, precision=p))
+            row = rows[(m, "cpu", p)]
+            assert v["build"]["status"] == "built" and row["status"] == v["status"], (m, p, v["status"], v["reason"])
+            assert v["latency"][0]["median_ms"] > 0 and row["latency_median_ms"] == v["latency"][0]["median_ms"]
+            assert v["parity"], (m, p)
+        # The fp32 engine is the reference graph optimized by ONNX Runtime: it must agree and pass.
+        assert rows[(m, "cpu", "fp32")]["status"] == "passed", rows[(m, "cpu", "fp32")]
+        assert rows[(m, "rtx", "fp32")]["status"] == "built"  # ahead of time: no CUDA driver to run it here
+        assert rows[(m, "orin", "fp16")]["status"] == "not run"
 
 
 def test_nms_in_the_graph_keeps_per_image_detections(root, images, checkpoint, cfg):

@@ -142,15 +142,21 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
 
 
 class OrtRunner:
-    """An ONNX Runtime session behind the Runner protocol."""
+    """An ONNX Runtime session behind the Runner protocol.
 
-    def __init__(self, engine_path: Path, device, threads: int = 0):
+    For an engine (`build`'s saved model, already optimized) the graph is taken as it is. With
+    `providers` and `optimize=True` it runs a plain ONNX file the way ONNX Runtime does by default
+    (ORT_ENABLE_ALL): the `reference` stage's fp32 outputs.
+    """
+
+    def __init__(self, engine_path: Path, device=None, threads: int = 0, *, providers=None, optimize: bool = False):
         import onnxruntime as ort
 
         so = _session_options(threads)
-        # The saved model is already optimized; optimizing again would only cost load time.
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(str(engine_path), sess_options=so, providers=list(device.providers))
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        providers = list(providers or device.providers)
+        self.session = ort.InferenceSession(str(engine_path), sess_options=so, providers=providers)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 
