@@ -9,7 +9,7 @@ TRT_STUBS := $(VENV)/trt-stubs
 CORES ?= all
 # Source `ultralytics` (docs/models.md) and its tests, on a CPU host: ultralytics and torchvision without their
 # requirements (they would pull opencv-python, which needs libGL, and let pip pick another torch), then what
-# Ultralytics imports. Versions are pinned in constraints.txt.
+# Ultralytics imports (ultralytics and torchvision are pinned in constraints.txt; the others are its usual requirements).
 ULTRALYTICS_NODEPS := ultralytics torchvision
 ULTRALYTICS_DEPS := opencv-python-headless polars psutil requests ultralytics-thop ultralytics-platform
 

@@ -20,17 +20,18 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def _stale(dst: Path, suffix: str) -> list[Path]:
-    """Temporaries of `dst` left by an earlier run of the step that was killed (SIGKILL, node lost).
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
 
-    Their names are mkstemp's, as made below: ``.<name>.`` + 8 random characters + `suffix`.
-    """
+
+def _stale(dst: Path, suffix: str) -> list[Path]:
+    """Temporaries of `dst` that another run of the step left: ``.<name>.`` + mkstemp's 8 random characters +
+    `suffix`, as made below. Whether their writer is gone is for :func:`_claim` to say."""
     pattern = f".{glob_escape(dst.name)}.{'?' * 8}{glob_escape(suffix)}"
     return sorted(dst.parent.glob(pattern)) if dst.parent.is_dir() else []
 
@@ -39,28 +40,81 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
+def _lock(path: Path, blocking: bool = True, create: bool = False) -> int | None:
+    """An exclusive flock on `path` (its fd, to keep open while the lock is to hold); None if another process
+    holds it (or the file is gone). flock reaches other hosts on NFS (as a POSIX lock on Linux)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666 & ~_UMASK)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _sweep(dst: Path, suffix: str, lock_name: str | None = None) -> None:
+    """Remove the temporaries of `dst` whose writer is gone: a killed job (SIGKILL, a lost node) leaves them.
+
+    A live writer holds an flock on its temporary (or on `lock_name` inside a scratch folder), so a copy of
+    the same job still running elsewhere (an orphan of a killed Snakemake) keeps its files.
+    """
+    import shutil
+    import time
+
+    for old in _stale(dst, suffix):
+        if lock_name is None:
+            fd = _lock(old, blocking=False) if old.is_file() else None
+        elif (old / lock_name).is_file():
+            fd = _lock(old / lock_name, blocking=False)
+        else:  # made, then killed before its lock file: stale unless just made
+            fd = None if time.time() - old.stat().st_mtime < 600 else os.open(os.devnull, os.O_RDONLY)
+        if fd is None:
+            continue
+        try:
+            with contextlib.suppress(OSError):
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(dst: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `dst`; rename it onto `dst` only if the block succeeds.
 
-    A killed or failed step therefore never leaves a file at `dst` that looks finished. Temporaries
-    of `dst` that a killed earlier run left behind are removed first: one job writes one output,
-    so nothing else can be writing them.
+    A killed or failed step therefore never leaves a file at `dst` that looks finished. The data is
+    fsynced before the rename. Temporaries of `dst` that a killed earlier run left behind are removed
+    first; this one is flocked while it is written, so a rerun leaves it alone while its writer lives.
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix or dst.suffix + ".tmp"
-    for old in _stale(dst, suffix):
-        old.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should look like any other file
+    _sweep(dst, suffix)
+    fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=suffix)
+    tmp = Path(name)
     try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)  # new and private: never blocks
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should look like any other file
         yield tmp
+        with open(tmp, "rb") as f:  # the file at the name: a writer may have replaced the inode
+            os.fsync(f.fileno())
         os.replace(tmp, dst)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        os.close(fd)
+
+
+SCRATCH_LOCK = ".kiln-lock"
 
 
 @contextlib.contextmanager
@@ -68,19 +122,21 @@ def scratch_dir(dst: str | Path) -> Iterator[Path]:
     """A scratch folder beside `dst` (``.<name>.<random>.scratch``) for a tool's intermediates, removed after.
 
     Beside the output rather than in /tmp: a killed job's leftovers are found and removed by the next
-    run of the same step (and /tmp may be small on build nodes).
+    run of the same step (and /tmp may be small on build nodes). A lock file inside marks it as in use.
     """
     import shutil
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    for old in _stale(dst, ".scratch"):
-        shutil.rmtree(old, ignore_errors=True)
+    _sweep(dst, ".scratch", lock_name=SCRATCH_LOCK)
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".scratch"))
+    fd = _lock(work / SCRATCH_LOCK, create=True)
     try:
         yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
 
 
 def _default(obj: Any) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.util import atomic_path, scratch_dir
+from kiln.util import SCRATCH_LOCK, atomic_path, scratch_dir
 
 
 def test_atomic_path_writes_only_on_success(tmp_path):
@@ -72,7 +72,8 @@ def test_scratch_dir_is_removed_after_and_a_killed_ones_before(tmp_path):
     with pytest.raises(KeyboardInterrupt), scratch_dir(dst) as work:
         stale = work
         raise KeyboardInterrupt
-    (stale / "sub").mkdir(parents=True)  # as if the job had been killed while ModelOpt wrote in it
+    (stale / "sub").mkdir(parents=True)  # as if the job had been killed while ModelOpt wrote in it:
+    (stale / SCRATCH_LOCK).touch()  # its lock file stays, no longer locked by anyone
     (stale / "sub" / "model_opset19.onnx").write_bytes(b"x")
     with scratch_dir(dst) as work:
         assert not stale.exists()
@@ -82,3 +83,21 @@ def test_scratch_dir_is_removed_after_and_a_killed_ones_before(tmp_path):
     with pytest.raises(ValueError), scratch_dir(dst) as work:
         raise ValueError("ModelOpt failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_live_writers_temporaries_are_left_alone(tmp_path):
+    """Another copy of the same job still writing (an orphan of a killed Snakemake) holds its flock: kept."""
+    dst = tmp_path / "model.engine"
+    with atomic_path(dst) as live:
+        live.write_bytes(b"being written")
+        with atomic_path(dst) as tmp:
+            tmp.write_bytes(b"plan")
+        assert live.read_bytes() == b"being written"
+    assert dst.read_bytes() == b"being written"  # the last rename wins, as without any sweep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.engine"]
+    with scratch_dir(dst) as live:
+        (live / "model_opset19.onnx").write_bytes(b"x")
+        with scratch_dir(dst) as work:
+            assert work != live
+        assert (live / "model_opset19.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.engine"]

@@ -155,6 +155,8 @@ class OrtRunner:
         so = _session_options(threads)
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        if not providers and device is None:
+            raise ValueError("OrtRunner needs a device or providers")  # a programming error, not a user's
         providers = list(providers or device.providers)
         self.session = ort.InferenceSession(str(engine_path), sess_options=so, providers=providers)
         self.input_names = tuple(i.name for i in self.session.get_inputs())

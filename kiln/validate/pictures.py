@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln import paths
+from kiln.util import atomic_path
 
 DEFAULT_COUNT = 4
 MAX_DRAWN = 100  # per image, highest scores first
@@ -103,8 +104,7 @@ def write(folder: str | Path, annotations: str | Path, image_ids, dets: list[dic
         with Image.open(images / files[int(image_id)]) as raw:
             picture = draw(raw, d, names, min_score)
         out = folder / file_name(image_id)
-        tmp = out.with_suffix(".tmp.png")
-        picture.save(tmp, format="PNG")
-        tmp.replace(out)
+        with atomic_path(out) as tmp:
+            picture.save(tmp, format="PNG")
         written.append(str(out))
     return written
