@@ -66,25 +66,11 @@ def output(work: Path, name: str) -> str:
     return (work / f"{name}.out").read_text()
 
 
-def wait_for_text(proc: subprocess.Popen, path: Path, text: str, timeout: float, what: str) -> None:
-    """Wait until `path` contains `text`; fail if the run ends first or `timeout` passes."""
+def wait_until(proc: subprocess.Popen, happened, timeout: float, what: str) -> None:
+    """Wait until `happened()`; fail (killing the run) if the run ends first or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.is_file() and text in path.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (status {proc.returncode}) before {what}")
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    pytest.fail(f"{what} did not happen within {timeout:.0f} s")
-
-
-def wait_for_file(proc: subprocess.Popen, dst: Path, timeout: float, what: str) -> None:
-    """Wait until an atomic write of `dst` has made its temporary (.NAME.XXXXXXXX...)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if list(dst.parent.glob(f".{dst.name}.*")):
+        if happened():
             return
         if proc.poll() is not None:
             pytest.fail(f"the run ended (status {proc.returncode}) before {what}")
@@ -92,6 +78,15 @@ def wait_for_file(proc: subprocess.Popen, dst: Path, timeout: float, what: str) 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     pytest.fail(f"{what} did not happen within {timeout:.0f} s")
+
+
+def wait_for_text(proc: subprocess.Popen, path: Path, text: str, timeout: float, what: str) -> None:
+    wait_until(proc, lambda: path.is_file() and text in path.read_text(errors="replace"), timeout, what)
+
+
+def wait_for_temporary(proc: subprocess.Popen, dst: Path, timeout: float, what: str) -> None:
+    """Until an atomic write of `dst` has made its temporary (.NAME.XXXXXXXX...)."""
+    wait_until(proc, lambda: bool(list(dst.parent.glob(f".{dst.name}.*"))), timeout, what)
 
 
 def kill_group(proc: subprocess.Popen, sig: signal.Signals, timeout: float = 120) -> int:
@@ -144,7 +139,7 @@ def story(tmp_path_factory):
     # 2. SIGKILL during the TensorRT-RTX build.
     second = start(work, "second")
     wait_for_text(second, work / BUILD_LOG, "build rtx/yolo_demo/int8 with", 900, "the rtx build started")
-    wait_for_file(second, work / RTX_ENGINE, 60, "the engine's temporary was made")
+    wait_for_temporary(second, work / RTX_ENGINE, 60, "the engine's temporary was made")
     seen["second_status"] = kill_group(second, signal.SIGKILL)
     seen["after_kill"] = {p: (work / p).exists() for p in (RTX_RECORD, RTX_ENGINE)}
     seen["leftovers_after_kill"] = leftovers(work / "results")
