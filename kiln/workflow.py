@@ -240,11 +240,15 @@ def _gpu_gres(cfg: KilnConfig, device: str) -> re.Match | None:
     return _GPU_GRES.match(str(cfg.devices[device].cluster.get("gres", "")).strip())
 
 
-def gpu_count(cfg: KilnConfig, device: str, rule: str) -> int:
-    """The `gpu` resource of a job: needs_gpu, times the count of a `cluster.gres` like gpu:h100:2."""
+def gpu_count(cfg: KilnConfig, device: str, rule: str) -> int | None:
+    """The `gpu` resource of a job: needs_gpu, times the count of a `cluster.gres` like gpu:h100:2.
+
+    None (unset) for a job that needs none: the Kubernetes executor asks for a GPU whenever the
+    resource is set, even to 0.
+    """
     n = needs_gpu(cfg, device, rule)
     m = _gpu_gres(cfg, device)
-    return n * int(m["count"]) if n and m and m["count"] else n
+    return (n * int(m["count"]) if m and m["count"] else n) or None
 
 
 def cluster_hint(cfg: KilnConfig, device: str, rule: str, key: str, default: str | None = None) -> str | None:
@@ -260,8 +264,10 @@ def cluster_hint(cfg: KilnConfig, device: str, rule: str, key: str, default: str
     """
     hints = cfg.devices[device].cluster
     value = None
-    if key in ("partition", "constraint"):
+    if key in ("partition", "constraint", "machine_type"):
         value = hints.get(key) if on_device(cfg, device, rule) else None
+    elif key == "gpu_manufacturer":  # the Kubernetes executor's GPU vendor: TensorRT runs on NVIDIA's
+        value = "nvidia" if needs_gpu(cfg, device, rule) else None
     elif needs_gpu(cfg, device, rule):
         gres = _gpu_gres(cfg, device)
         if key == "gres":
@@ -270,6 +276,26 @@ def cluster_hint(cfg: KilnConfig, device: str, rule: str, key: str, default: str
             value = hints.get("gpu_model") or (gres["type"] if gres else None)
     value = str(value).strip() if value is not None else ""
     return value or default or None
+
+
+# Resources of a device's jobs (build, validate, baseline, diagnose) and the cluster hint each comes from:
+# SLURM's executor reads slurm_partition, constraint, gres, gpu_model and gpu; Kubernetes' machine_type
+# (a node selector on the instance type), gpu and gpu_manufacturer. Any other executor ignores them.
+DEVICE_HINTS = {"slurm_partition": "partition", "constraint": "constraint", "gres": "gres", "gpu_model": "gpu_model",
+                "machine_type": "machine_type", "gpu_manufacturer": "gpu_manufacturer"}
+
+
+def device_resources(cfg: KilnConfig, rule: str, default_partition: str | None = None, like: str | None = None) -> dict:
+    """The `resources:` of a rule whose jobs are per device, as Snakemake takes them (callables of the
+    wildcards). `like` is the rule whose placement they share (baseline runs like validate, diagnose
+    like build)."""
+    placed = like or rule
+    res = {"mem_mb": RULE_RESOURCES[placed]["mem_mb"], "runtime": RULE_RESOURCES[placed]["runtime"],
+           "gpu": lambda w: gpu_count(cfg, w.device, placed)}
+    for name, key in DEVICE_HINTS.items():
+        default = default_partition if key == "partition" else None
+        res[name] = lambda w, key=key, default=default: cluster_hint(cfg, w.device, placed, key, default)
+    return res
 
 
 def default_resource(defaults, name: str) -> str | None:

@@ -19,13 +19,8 @@ rule baseline:
     # Timed like validation: alone on the host, so ask for every core Snakemake has.
     threads: lambda w: KILN.devices[w.device].threads or 1024
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["validate"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["validate"]["runtime"],
-        gpu=lambda w: kiln_workflow.gpu_count(KILN, w.device, "validate"),
-        slurm_partition=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "partition", DEFAULT_PARTITION),
-        constraint=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "constraint"),
-        gres=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "gres"),
-        gpu_model=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "gpu_model"),
+        # Placed on the device's nodes from its `cluster:` hints (kiln/workflow.py device_resources).
+        **kiln_workflow.device_resources(KILN, "baseline", DEFAULT_PARTITION, like="validate"),
     conda:
         "../envs/kiln.yaml"
     script:

@@ -21,13 +21,8 @@ rule diagnose:
         code=device_code("kiln.diagnose"),
     threads: 2
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["build"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["build"]["runtime"],
-        gpu=lambda w: kiln_workflow.gpu_count(KILN, w.device, "build"),
-        slurm_partition=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "partition", DEFAULT_PARTITION),
-        constraint=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "constraint"),
-        gres=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "gres"),
-        gpu_model=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "gpu_model"),
+        # Placed on the device's nodes from its `cluster:` hints (kiln/workflow.py device_resources).
+        **kiln_workflow.device_resources(KILN, "diagnose", DEFAULT_PARTITION, like="build"),
     conda:
         "../envs/kiln.yaml"
     script:

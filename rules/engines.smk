@@ -45,13 +45,8 @@ rule build:
         code=device_code("kiln.build"),
     threads: 2
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["build"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["build"]["runtime"],
-        gpu=lambda w: kiln_workflow.gpu_count(KILN, w.device, "build"),
-        slurm_partition=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "partition", DEFAULT_PARTITION),
-        constraint=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "constraint"),
-        gres=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "gres"),
-        gpu_model=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "build", "gpu_model"),
+        # Placed on the device's nodes from its `cluster:` hints (kiln/workflow.py device_resources).
+        **kiln_workflow.device_resources(KILN, "build", DEFAULT_PARTITION),
     retries: 1
     conda:
         "../envs/kiln.yaml"
@@ -81,13 +76,8 @@ rule validate:
     # Latency is measured with the host to itself: ask for every core Snakemake has.
     threads: lambda w: KILN.devices[w.device].threads or 1024
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["validate"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["validate"]["runtime"],
-        gpu=lambda w: kiln_workflow.gpu_count(KILN, w.device, "validate"),
-        slurm_partition=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "partition", DEFAULT_PARTITION),
-        constraint=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "constraint"),
-        gres=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "gres"),
-        gpu_model=lambda w: kiln_workflow.cluster_hint(KILN, w.device, "validate", "gpu_model"),
+        # Placed on the device's nodes from its `cluster:` hints (kiln/workflow.py device_resources).
+        **kiln_workflow.device_resources(KILN, "validate", DEFAULT_PARTITION),
     conda:
         "../envs/kiln.yaml"
     script:

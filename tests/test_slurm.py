@@ -97,10 +97,13 @@ def test_cluster_hints_become_the_right_resources():
                 for k in ("partition", "constraint", "gres", "gpu_model")} | {"gpu": kw.gpu_count(cfg, dev, rule)}
 
     # A CPU device: placed on its nodes, never a GPU.
-    assert res("cpu", "validate") == {"partition": "cpu", "constraint": "cpu", "gres": None, "gpu_model": None, "gpu": 0}
-    assert res("ort90", "build") == {"partition": "gpu", "constraint": "sm_90", "gres": None, "gpu_model": None, "gpu": 0}
+    assert res("cpu", "validate") == {"partition": "cpu", "constraint": "cpu", "gres": None, "gpu_model": None,
+                                      "gpu": None}
+    assert res("ort90", "build") == {"partition": "gpu", "constraint": "sm_90", "gres": None, "gpu_model": None,
+                                     "gpu": None}
     # TensorRT-RTX builds ahead of time: no GPU, no constraint, the profile's default partition.
-    assert res("rtx", "build") == {"partition": "cpuq", "constraint": None, "gres": None, "gpu_model": None, "gpu": 0}
+    assert res("rtx", "build") == {"partition": "cpuq", "constraint": None, "gres": None, "gpu_model": None,
+                                   "gpu": None}
     assert res("rtx", "validate") == {"partition": "gpu", "constraint": "sm_89", "gres": None, "gpu_model": "rtx4090",
                                       "gpu": 1}
     # A gres naming GPUs becomes --gpus=TYPE:N (sbatch refuses --gres=gpu:... next to --gpus).
