@@ -61,6 +61,20 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def random_checkpoints(yolo: Path | None = None, rtdetr: Path | None = None) -> None:
+    """State dicts of the demo factories with random weights (seed 0; the yolo one first), for tests that
+    need a checkpoint but not a trained one."""
+    import torch
+
+    from kiln.demo.models import rtdetr_demo, yolo_demo
+
+    torch.manual_seed(0)
+    for path, factory in ((yolo, yolo_demo), (rtdetr, rtdetr_demo)):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(factory(num_classes=3).state_dict(), path)
+
+
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -9,16 +9,13 @@ import torch
 from kiln import baseline, paths, summary
 from kiln.config import load
 from kiln.util import read_json, write_json
+from tests.conftest import random_checkpoints
 
 
 @pytest.fixture
 def cfg(config_dict, tmp_path):
     """Random-weight checkpoints of the demo factories; a CPU device and a CUDA-provider device."""
-    from kiln.demo.models import rtdetr_demo, yolo_demo
-
-    torch.manual_seed(0)
-    torch.save(yolo_demo(num_classes=3).state_dict(), tmp_path / "y.pt")
-    torch.save(rtdetr_demo(num_classes=3).state_dict(), tmp_path / "r.pt")
+    random_checkpoints(tmp_path / "y.pt", tmp_path / "r.pt")
     config_dict["models"]["yolo_demo"]["checkpoint"] = str(tmp_path / "y.pt")
     config_dict["models"]["rtdetr_demo"]["checkpoint"] = str(tmp_path / "r.pt")
     config_dict["results"] = str(tmp_path / "results")

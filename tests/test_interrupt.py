@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from kiln.util import read_json, sha256
-from tests.conftest import REPO, tiny_config, write_config
+from tests.conftest import REPO, random_checkpoints, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -108,15 +108,8 @@ def leftovers(results: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
-    import torch
-
-    from kiln.demo.models import rtdetr_demo, yolo_demo
-
     work = tmp_path_factory.mktemp("interrupt")
-    (work / "models").mkdir()
-    torch.manual_seed(0)
-    torch.save(yolo_demo(num_classes=3).state_dict(), work / "models/y.pt")
-    torch.save(rtdetr_demo(num_classes=3).state_dict(), work / "models/r.pt")
+    random_checkpoints(work / "models/y.pt", work / "models/r.pt")
     write_config(work / "config.yaml", small_config())
     seen: dict = {}
 

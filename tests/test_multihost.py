@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from kiln.util import read_json
-from tests.conftest import tiny_config, write_config
+from tests.conftest import random_checkpoints, tiny_config, write_config
 from tests.slurm.cluster import copy_workflow
 
 pytestmark = pytest.mark.cluster
@@ -47,9 +47,6 @@ def hosts(tmp_path_factory):
         reason = ensure_installed()
         if reason or shutil.which("rsync") is None:
             pytest.skip(f"the fs storage plugin needs rsync: {reason or 'not installed'}")
-    import torch
-
-    from kiln.demo.models import yolo_demo
 
     root = tmp_path_factory.mktemp("hosts")
     store = root / "storage"
@@ -59,9 +56,8 @@ def hosts(tmp_path_factory):
     del cfg["models"]["rtdetr_demo"]
     cfg["datasets"]["demo"]["val"]["count"] = 8
     cfg["devices"] = copy.deepcopy(DEVICES)
-    torch.manual_seed(0)
     weights = root / "yolo.pt"
-    torch.save(yolo_demo(num_classes=3).state_dict(), weights)
+    random_checkpoints(weights)
     out = {"store": store, "snakefile": workflow / "Snakefile"}
     for host in ("a", "b"):
         (root / host / "models").mkdir(parents=True)

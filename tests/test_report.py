@@ -20,7 +20,7 @@ from kiln.errors import KilnError  # noqa: E402
 from kiln.report import data, plots  # noqa: E402
 from kiln.report.page import write_page  # noqa: E402
 from kiln.util import read_json, write_json  # noqa: E402
-from tests.conftest import REPO, tiny_config, write_config  # noqa: E402
+from tests.conftest import REPO, random_checkpoints, tiny_config, write_config  # noqa: E402
 from tests.report_tree import (  # noqa: E402
     BUILD_FAIL,
     EXPECTED,
@@ -35,7 +35,6 @@ from tests.report_tree import (  # noqa: E402
 
 class Page(HTMLParser):
     """The parts of the page the tests look at: engine rows per model, table headers, images, links."""
-
     def __init__(self, text: str):
         super().__init__()
         self.rows: dict[tuple[str, str, str], dict] = {}  # (model, device, precision) -> attrs + cells
@@ -276,12 +275,7 @@ def _snakemake(work: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.integration
 def test_workflow_writes_the_page_and_snakemake_report(tmp_path):
     """A small real run (random-weight yolo checkpoint): the page rule, then `snakemake --report`."""
-    torch = pytest.importorskip("torch")
-    from kiln.demo.models import yolo_demo
-
-    (tmp_path / "models").mkdir()
-    torch.manual_seed(0)
-    torch.save(yolo_demo(num_classes=3).state_dict(), tmp_path / "models/demo_yolo.pt")
+    random_checkpoints(tmp_path / "models/demo_yolo.pt")
     cfg = tiny_config()
     del cfg["models"]["rtdetr_demo"]
     cfg["devices"]["cpu"].update(precisions=["fp32", "int8"], batch_sizes=[1, 2])

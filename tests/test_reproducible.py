@@ -18,7 +18,7 @@ import pytest
 
 from kiln import lock
 from kiln.util import read_json, sha256, write_json
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, random_checkpoints, tiny_config
 
 MODELS = ("yolo_demo", "rtdetr_demo")
 ONNX_FILES = ("export", "simplified", "surgery", "fp32", "fp16", "int8")
@@ -55,14 +55,8 @@ def run_stages(results: str, ck_yolo: str, ck_rtdetr: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory) -> tuple[Path, Path]:
-    import torch
-
-    from kiln.demo.models import rtdetr_demo, yolo_demo
-
     base = tmp_path_factory.mktemp("repro")
-    torch.manual_seed(0)
-    torch.save(yolo_demo(num_classes=3).state_dict(), base / "y.pt")
-    torch.save(rtdetr_demo(num_classes=3).state_dict(), base / "r.pt")
+    random_checkpoints(base / "y.pt", base / "r.pt")
     runs = []
     for seed, name in ((1, "first"), (2, "second")):  # at the same time: two cores, half the wait
         results = base / name / "results"  # two folders: an absolute path in an artifact would differ

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from kiln.util import read_json
-from tests.conftest import tiny_config, write_config
+from tests.conftest import random_checkpoints, tiny_config, write_config
 from tests.slurm.cluster import copy_workflow
 
 pytestmark = pytest.mark.cluster
@@ -183,15 +183,9 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    import torch
-
-    from kiln.demo.models import yolo_demo
-
     work = tmp_path_factory.mktemp("kiln-slurm")
     copy_workflow(work / "workflow")  # run from a copy: edits to the repo meanwhile change nothing here
-    (work / "models").mkdir()
-    torch.manual_seed(0)
-    torch.save(yolo_demo(num_classes=3).state_dict(), work / "models" / "yolo.pt")
+    random_checkpoints(work / "models" / "yolo.pt")
     write_config(work / "config.yaml", small_config("models/yolo.pt"))
     return work
 

@@ -15,16 +15,13 @@ from kiln import export, inputs, simplify, surgery
 from kiln.config import load
 from kiln.errors import KilnError
 from kiln.util import read_json, sha256
+from tests.conftest import random_checkpoints
 
 
 @pytest.fixture
 def specs(config_dict, tmp_path):
     """Model specs pointing at random-weight checkpoints of the demo factories."""
-    from kiln.demo.models import rtdetr_demo, yolo_demo
-
-    torch.manual_seed(0)
-    torch.save(yolo_demo(num_classes=3).state_dict(), tmp_path / "y.pt")
-    torch.save(rtdetr_demo(num_classes=3).state_dict(), tmp_path / "r.pt")
+    random_checkpoints(tmp_path / "y.pt", tmp_path / "r.pt")
     config_dict["models"]["yolo_demo"]["checkpoint"] = str(tmp_path / "y.pt")
     config_dict["models"]["rtdetr_demo"]["checkpoint"] = str(tmp_path / "r.pt")
     cfg = load(config_dict, check_paths=False)

@@ -381,20 +381,24 @@ def test_guard_version_range_and_no_gpu():
     assert "Ampere or newer" in guard(ampere_plus, HostInfo(compute_capability="7.5", driver=True, tensorrt="10.13"))
 
 
-def test_detect_host_without_gpu(monkeypatch):
+@pytest.fixture
+def fresh_probe():
+    """detect_host's GPU probe is cached per process: probe anew, and leave no made-up answer behind."""
+    trt_common._probe_gpu.cache_clear()
+    yield
+    trt_common._probe_gpu.cache_clear()
+
+
+def test_detect_host_without_gpu(monkeypatch, fresh_probe):
     monkeypatch.setattr(trt_common, "_probe_cuda_bindings", lambda: None)
     monkeypatch.setattr(trt_common, "_probe_nvidia_smi", lambda: None)
-    trt_common._probe_gpu.cache_clear()
-    try:
-        host = trt_common.detect_host()
-    finally:
-        trt_common._probe_gpu.cache_clear()
+    host = trt_common.detect_host()
     assert host.driver is False and host.compute_capability is None and host.gpu is None
     assert host.tensorrt_rtx == tensorrt_rtx.version()
     assert host.tensorrt == tensorrt.version()
 
 
-def test_detect_host_reads_nvidia_smi(tmp_path, monkeypatch):
+def test_detect_host_reads_nvidia_smi(tmp_path, monkeypatch, fresh_probe):
     smi = tmp_path / "nvidia-smi"
     smi.write_text(
         "#!/bin/sh\n"
@@ -404,11 +408,7 @@ def test_detect_host_reads_nvidia_smi(tmp_path, monkeypatch):
     smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(trt_common, "_probe_cuda_bindings", lambda: None)
-    trt_common._probe_gpu.cache_clear()
-    try:
-        host = trt_common.detect_host()
-    finally:
-        trt_common._probe_gpu.cache_clear()
+    host = trt_common.detect_host()
     assert (host.gpu, host.compute_capability, host.cuda_driver, host.driver, host.probe) == (
         "NVIDIA GeForce RTX 4090", "8.9", "12.4", True, "nvidia-smi")
     assert tensorrt_rtx.check_host(device_of(RTX_DEVICE), host) is None
