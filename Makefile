@@ -7,24 +7,39 @@ STAMP := $(VENV)/.kiln-installed
 # would make ModelOpt believe TensorRT is installed. Tests check Kiln's TensorRT API names against it.
 TRT_STUBS := $(VENV)/trt-stubs
 CORES ?= all
+# Every package of the dev/CI environment at an exact version (kiln/envlock.py); `make relock` rewrites it.
+LOCK := requirements.lock
+RELOCK_VENV := .venv-relock
 # Source `ultralytics` (docs/models.md) and its tests, on a CPU host: ultralytics and torchvision without their
 # requirements (they would pull opencv-python, which needs libGL, and let pip pick another torch), then what
 # Ultralytics imports (ultralytics and torchvision are pinned in constraints.txt; the others are its usual requirements).
 ULTRALYTICS_NODEPS := ultralytics torchvision
 ULTRALYTICS_DEPS := opencv-python-headless polars psutil requests ultralytics-thop ultralytics-platform
 
-.PHONY: run test lint clean verify lock
+.PHONY: run test lint clean verify lock relock
 
-$(STAMP): pyproject.toml constraints.txt
+# The install path: exactly the lock's pins, nothing resolved (--no-deps), then Kiln itself (editable).
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU build of 2.13.0 (an unpinned torch pulls the CUDA build).
-	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
-	$(BIN)/python -m pip install -q -c constraints.txt --no-deps $(ULTRALYTICS_NODEPS)
-	$(BIN)/python -m pip install -q -c constraints.txt $(ULTRALYTICS_DEPS)
-	$(BIN)/python -m pip install -q --no-deps --target $(TRT_STUBS) tensorrt-stubs
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(TRT_STUBS) $$(sed -n 's/^#@target //p' $(LOCK))
 	touch $(STAMP)
+
+# Resolve afresh from pyproject.toml (test extra) and constraints.txt in a scratch venv, then pin what got installed.
+relock:  ## rewrite requirements.lock on purpose (newer releases within pyproject's ranges)
+	rm -rf $(RELOCK_VENV)
+	$(PYTHON) -m venv $(RELOCK_VENV)
+	$(RELOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build of 2.13.0 (an unpinned torch pulls the CUDA build).
+	$(RELOCK_VENV)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(RELOCK_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(RELOCK_VENV)/bin/python -m pip install -q -c constraints.txt --no-deps $(ULTRALYTICS_NODEPS)
+	$(RELOCK_VENV)/bin/python -m pip install -q -c constraints.txt $(ULTRALYTICS_DEPS)
+	$(RELOCK_VENV)/bin/python -m pip install -q --no-deps --target $(RELOCK_VENV)/trt-stubs tensorrt-stubs
+	$(RELOCK_VENV)/bin/python -m kiln.envlock freeze --out $(LOCK) --target-dir $(RELOCK_VENV)/trt-stubs
+	rm -rf $(RELOCK_VENV)
+	@echo "$(LOCK) rewritten: reinstall with 'rm -rf $(VENV) && make test', then 'make lock' if artifacts changed"
 
 run: $(STAMP)  ## run the pipeline on config.yaml
 	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml --rerun-incomplete --show-failed-logs
@@ -35,6 +50,7 @@ run: $(STAMP)  ## run the pipeline on config.yaml
 	@echo "Snakemake report: $$(pwd)/results/report/report.html"
 
 test: $(STAMP)  ## run the test suite
+	@$(BIN)/python -m kiln.envlock check $(LOCK)
 	KILN_TRT_STUBS=$(TRT_STUBS) $(BIN)/python -m pytest
 
 # The demo run in a clean temporary folder (models/ copied there), then `kiln $(1)` on its results.

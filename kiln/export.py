@@ -1,4 +1,8 @@
-"""Stage `export`: a model from its source (kiln/sources/) to ONNX at one opset, checked, byte-reproducible."""
+"""Stage `export`: a model from its source (kiln/sources/) to ONNX at one opset, checked, byte-reproducible.
+
+The bytes are the same on every x86 CPU, not only on the one that wrote kiln.lock: constant folding
+runs on torch's CPU-independent kernels (kiln.numerics) and one thread.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 
 from kiln.config import KilnConfig, ModelSpec
 from kiln.errors import KilnError
+from kiln.numerics import cpu_independent_torch
 from kiln.util import atomic_path
 
 log = logging.getLogger(__name__)
@@ -76,6 +81,15 @@ def dynamic_axes(spec: ModelSpec) -> dict:
 
 def export_onnx(spec: ModelSpec, opset: int, out: str | Path) -> dict:
     """Export `spec` at `opset` to `out`; returns a record of what was exported."""
+    with cpu_independent_torch() as pinned:
+        if not pinned:
+            log.warning("export %s: torch kernels ran in this process before export, so its folded constants "
+                        "may depend on this CPU (the export script imports torch only inside export)", spec.name)
+        record = _export(spec, opset, out)
+    return {**record, "cpu_independent": pinned}
+
+
+def _export(spec: ModelSpec, opset: int, out: str | Path) -> dict:
     import onnx
     import torch
 

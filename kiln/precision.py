@@ -13,9 +13,8 @@ One fp32 ONNX export becomes one variant per precision:
 Strongly typed TensorRT builds take every tensor type from the ONNX, so the variant *is* the
 precision decision; nothing is left to builder flags.
 
-Which of these ONNX Runtime's CPU provider can execute is in ``ort_cpu_support`` (observed with
-onnxruntime 1.31 CPU, ModelOpt 0.47): fp32/fp16/int8 yes, fp8 only with graph optimisation at
-``ORT_ENABLE_BASIC`` or lower, bf16 no.
+Which of these ONNX Runtime can execute on this host is asked of the runtime itself
+(``kiln.backends.ort_capabilities``), not kept in a table here.
 """
 
 from __future__ import annotations
@@ -142,56 +141,6 @@ def options_from_config(precision: str, calibration: Mapping[str, Any] | None = 
 
 
 # --------------------------------------------------------------------------------------------------
-# What ONNX Runtime's CPU provider can run
-
-
-@dataclass(frozen=True)
-class OrtCpuSupport:
-    """Whether ONNX Runtime's CPU provider can run a variant, and how."""
-
-    runs: bool
-    graph_optimization_level: str  # highest ort.GraphOptimizationLevel name that works
-    note: str
-
-
-_ORT_CPU: dict[str, OrtCpuSupport] = {
-    "fp32": OrtCpuSupport(True, "ORT_ENABLE_ALL", "native"),
-    "fp16": OrtCpuSupport(
-        True,
-        "ORT_ENABLE_ALL",
-        "runs, but the CPU provider has fp16 kernels for few ops: ORT's InsertCastTransformer wraps the "
-        "others in Cast to fp32, so the check covers fp16 weights/IO plumbing, not fp16 arithmetic or overflow",
-    ),
-    "bf16": OrtCpuSupport(
-        False,
-        "ORT_ENABLE_ALL",
-        "no bf16 kernels for Conv/MatMul/Sqrt/... on the CPU provider (NOT_IMPLEMENTED at session "
-        "creation); bf16 variants are for TensorRT",
-    ),
-    "int8": OrtCpuSupport(True, "ORT_ENABLE_ALL", "Q/DQ runs natively (QLinear fusions on CPU)"),
-    "fp8": OrtCpuSupport(
-        True,
-        "ORT_ENABLE_BASIC",
-        "float8 Q/DQ kernels exist, but ORT's EXTENDED QDQ transformers (QGemm fusion, Q/DQ propagation "
-        "through Transpose) assume int8 and produce INVALID_GRAPH on fp8 models with MatMul/Gemm/attention",
-    ),
-}
-
-
-def ort_cpu_support(precision: str) -> OrtCpuSupport:
-    """How (and whether) ONNX Runtime's CPU provider runs a ``make_variant`` output of ``precision``."""
-    p = str(precision).strip().lower()
-    if p not in _ORT_CPU:
-        raise KilnError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    return _ORT_CPU[p]
-
-
-def ort_cpu_can_run(precision: str) -> bool:
-    """True when the ONNX Runtime CPU provider can execute variants of this precision."""
-    return ort_cpu_support(precision).runs
-
-
-# --------------------------------------------------------------------------------------------------
 # The variant
 
 
@@ -306,7 +255,8 @@ def make_variant(
             )
             quant = work / "quant.onnx"
             # AutoCast's fp16 range check runs the model in ORT with all graph optimisations on;
-            # for fp8 Q/DQ those produce an invalid graph (see _ORT_CPU["fp8"]), so fp8 goes without
+            # for fp8 Q/DQ those produced an invalid graph in onnxruntime 1.31 (the capability probe in
+            # kiln.backends.ort_capabilities finds it), so fp8 goes without
             # it, exactly like ModelOpt's own high_precision_dtype="fp16" pass (no range check).
             range_check = options.precision == "int8"
             record["fp16_range_check"] = range_check

@@ -17,14 +17,13 @@ import numpy as np
 import onnx
 import pytest
 
+from kiln.backends import ort_capabilities
 from kiln.errors import KilnError
 from kiln.precision import (
     CALIB_METHODS,
     PrecisionOptions,
     find_output_sigmoids,
     make_variant,
-    ort_cpu_can_run,
-    ort_cpu_support,
 )
 
 torch = pytest.importorskip("torch")
@@ -150,7 +149,8 @@ def _types(model: onnx.ModelProto) -> dict[str, int]:
 def _run(path: Path, feeds: dict[str, np.ndarray], precision: str = "fp32") -> dict[str, np.ndarray]:
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's "can't constant fold fp16 Sqrt" notices are harmless
-    level = ort_cpu_support(precision).graph_optimization_level  # fp8: BASIC, see kiln.precision
+    # The highest level the capability probe found to work for this precision (fp8 on 1.31: BASIC).
+    level = ort_capabilities.capabilities()[precision].graph_optimization_level or "ORT_ENABLE_ALL"
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds), strict=True))
@@ -273,9 +273,9 @@ def test_nodes_to_exclude_matches_whole_names(src_dir, tmp_path):
 @pytest.mark.parametrize("precision", ["fp16", "int8", "fp8", "bf16"])
 @pytest.mark.parametrize("net", ["conv", "attn"])
 def test_ort_cpu_runs_variant_close_to_fp32(src_dir, variants, net, precision):
-    support = ort_cpu_support(precision)
-    if not support.runs:
-        pytest.skip(f"ORT CPU cannot run {precision}: {support.note}")
+    cap = ort_capabilities.capabilities()[precision]
+    if not cap.runs:
+        pytest.skip(f"ORT CPU cannot run {precision} here: {cap.note}")
     path, _, _ = variants(net, precision)
     feeds = _inputs(net, 1, seed=7)
     ref = _run(src_dir / f"{net}.onnx", feeds)
@@ -288,19 +288,71 @@ def test_ort_cpu_runs_variant_close_to_fp32(src_dir, variants, net, precision):
         assert _cos(ref[k], got[k]) > MIN_COS[precision], (k, _cos(ref[k], got[k]))
 
 
-def test_ort_cpu_support_table_matches_ort(variants):
-    runnable = [p for p in ("fp32", "fp16", "bf16", "int8", "fp8") if ort_cpu_can_run(p)]
-    assert runnable == ["fp32", "fp16", "int8", "fp8"]
-    # If a newer onnxruntime gains CPU bf16 kernels this fails: update kiln.precision._ORT_CPU.
-    path, _, _ = variants("conv", "bf16")
-    with pytest.raises(Exception, match="NOT_IMPLEMENTED|Could not find an implementation"):
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # fp8 Q/DQ needs ORT's graph optimisation at BASIC: EXTENDED fuses Q/DQ into int8-only ops.
-    path, _, _ = variants("attn", "fp8")
+def _variant_runs(path: Path, level: str) -> bool:
     so = ort.SessionOptions()
-    so.log_severity_level = 3
-    with pytest.raises(Exception, match="float8"):
+    so.log_severity_level = 4
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    try:
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception:  # ORT's own error types
+        return False
+    return True
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8", "fp8"])
+def test_ort_cpu_probe_agrees_with_real_variants(src_dir, variants, precision):
+    """The capability probe's tiny graph says what a real variant of each net does in this onnxruntime."""
+    cap = ort_capabilities.capabilities()[precision]
+    for net in NETS:
+        path = src_dir / f"{net}.onnx" if precision == "fp32" else variants(net, precision)[0]
+        if cap.runs:
+            assert _variant_runs(path, cap.graph_optimization_level), (net, cap)
+            higher = ort_capabilities.LEVELS[: ort_capabilities.LEVELS.index(cap.graph_optimization_level)]
+            for level in higher:  # the probe keeps the highest level that works: those above it fail on net 'attn'
+                assert net == "conv" or not _variant_runs(path, level), (net, level, cap)
+        else:
+            assert not any(_variant_runs(path, lv) for lv in ort_capabilities.LEVELS), (net, cap)
+
+
+def test_config_check_uses_the_probe(monkeypatch):
+    """check_device refuses exactly the precisions the probe says this host's CPU provider cannot run."""
+    from kiln.backends import onnxruntime as ort_backend
+    from kiln.config import DeviceProfile
+
+    caps = ort_capabilities.capabilities()
+    device = next(d for d in _cpu_devices() if d)
+    device = DeviceProfile(**{**device.__dict__, "precisions": ("fp32", "fp16", "bf16", "int8", "fp8")})
+    problems = ort_backend.check_device(device)
+    refused = {p for p in ort_capabilities.PRECISIONS if any(f"precision '{p}'" in x for x in problems)}
+    assert refused == {p for p, c in caps.items() if not c.runs}
+    # A probe that says otherwise changes the check's answer: the check is the probe's, not a table's.
+    flipped = {p: ort_capabilities.Capability(p, not c.runs, c.graph_optimization_level or "ORT_ENABLE_ALL", "test")
+               for p, c in caps.items() if p != "fp32"} | {"fp32": caps["fp32"]}
+    monkeypatch.setattr(ort_capabilities, "capabilities", lambda provider="CPUExecutionProvider": flipped)
+    problems = ort_backend.check_device(device)
+    refused_now = {p for p in ort_capabilities.PRECISIONS if any(f"precision '{p}'" in x for x in problems)}
+    assert refused_now == {p for p, c in flipped.items() if not c.runs}
+
+
+def test_probe_cache_is_per_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    ort_capabilities.capabilities.cache_clear()
+    try:
+        first = ort_capabilities.capabilities()
+        files = list(tmp_path.glob("ort-capabilities-*.json"))
+        assert [f.name for f in files] == [f"ort-capabilities-{ort.__version__}-CPUExecutionProvider-v"
+                                           f"{ort_capabilities.PROBE_FORMAT}.json"]
+        ort_capabilities.capabilities.cache_clear()
+        assert ort_capabilities.capabilities() == first  # read back from the cache file
+    finally:
+        ort_capabilities.capabilities.cache_clear()
+
+
+def _cpu_devices():
+    from kiln.config import load_file
+
+    cfg = load_file(Path(__file__).resolve().parent.parent / "config.yaml", base=Path(__file__).resolve().parent.parent)
+    return [d for d in cfg.devices.values() if d.backend == "onnxruntime"]
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -19,13 +19,11 @@ from kiln.errors import KilnError
 NAME = "onnxruntime"
 ENGINE_SUFFIX = ".onnx"
 
-# Precisions each provider can execute. The CPU provider has fp16 kernels for few ops:
-# ONNX Runtime inserts casts and computes the rest in fp32, which the engine record states.
-# It has no bf16 or fp8 kernels for convolutions, so those variants are refused at config load.
-PROVIDER_PRECISIONS = {
-    "CPUExecutionProvider": ("fp32", "fp16", "int8"),
-    "CUDAExecutionProvider": ("fp32", "fp16", "int8"),
-}
+# Providers Kiln's backend drives. What each runs (fp16, bf16, int8, fp8) is asked of the runtime on
+# this host (kiln.backends.ort_capabilities), not tabled: a new onnxruntime release can add kernels.
+PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+# EXTENDED fusions are provider-independent; ALL adds layout changes tied to this CPU.
+BUILD_LEVEL = "ORT_ENABLE_EXTENDED"
 
 
 def is_available() -> bool:
@@ -46,21 +44,22 @@ def version() -> str | None:
 
 def check_device(device) -> list[str]:
     """Config-time problems of an onnxruntime device, each with its fix."""
-    problems = []
-    for provider in device.providers:
-        if provider not in PROVIDER_PRECISIONS:
-            problems.append(
-                f"provider '{provider}' is not supported by Kiln's onnxruntime backend: "
-                f"use {' or '.join(PROVIDER_PRECISIONS)}"
-            )
-    if problems:
+    problems = [
+        f"provider '{provider}' is not supported by Kiln's onnxruntime backend: use {' or '.join(PROVIDERS)}"
+        for provider in device.providers
+        if provider not in PROVIDERS
+    ]
+    if problems or not is_available():
         return problems
+    from kiln.backends.ort_capabilities import capabilities, runnable
+
     main = device.providers[0]
+    can = runnable(main)
     for p in device.precisions:
-        if p not in PROVIDER_PRECISIONS[main]:
+        if p not in can:
             problems.append(
                 f"precision '{p}' cannot run on ONNX Runtime's {main}: remove it from "
-                f"'devices.{device.name}.precisions' (it can do {', '.join(PROVIDER_PRECISIONS[main])}) "
+                f"'devices.{device.name}.precisions' (it can do {', '.join(can)}; {capabilities(main)[p].note}) "
                 f"or target it on a TensorRT device"
             )
     return problems
@@ -94,12 +93,19 @@ def source_precision(precision: str, device=None) -> str:
     return precision
 
 
-def _session_options(threads: int, optimized_path: Path | None = None):
+def build_level(device, precision: str) -> str:
+    """The graph-optimization level a build uses: EXTENDED, or lower where the probe found EXTENDED fails."""
+    from kiln.backends.ort_capabilities import LEVELS, capabilities
+
+    level = capabilities(device.providers[0])[precision].graph_optimization_level or BUILD_LEVEL
+    return max(level, BUILD_LEVEL, key=LEVELS.index)
+
+
+def _session_options(threads: int, optimized_path: Path | None = None, level: str = BUILD_LEVEL):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    # EXTENDED fusions are provider-independent; ALL adds layout changes tied to this CPU.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.intra_op_num_threads = max(0, threads)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
@@ -120,10 +126,11 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
     import onnxruntime as ort
 
     t0 = time.perf_counter()
+    level = build_level(device, precision)
     try:
         ort.InferenceSession(
             str(onnx_path),
-            sess_options=_session_options(threads, optimized_path=engine_path),
+            sess_options=_session_options(threads, optimized_path=engine_path, level=level),
             providers=list(device.providers),
         )
     except Exception as err:  # ONNX Runtime raises its own Fail/InvalidGraph types
@@ -132,7 +139,7 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
     return {
         "builder": f"onnxruntime {ort.__version__}",
         "providers": list(device.providers),
-        "graph_optimization_level": "ORT_ENABLE_EXTENDED",
+        "graph_optimization_level": level,
         "build_seconds": round(time.perf_counter() - t0, 3),
         "ops_in": before,
         "ops_out": after,
