@@ -1,8 +1,8 @@
 """The trust boundary: what the config names is never imported or unpickled while checking or planning.
 
 Factories come only from the places ``trusted_factories`` declares (found on disk, not imported);
-checkpoints are checked at config load without unpickling code; each refusal is one line naming
-the key and the fix.
+checkpoints are checked at config load without unpickling code (a pass is cached, keyed by the
+file, so a later load imports no torch); each refusal is one line naming the key and the fix.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kiln import export, sources
+from kiln.cache import cache_dir
 from kiln.config import load
 from kiln.errors import KilnError
 from kiln.fingerprint import file_fingerprint
@@ -118,6 +119,76 @@ def test_directory_as_checkpoint_says_what_is_expected(ckpts):
     assert refusal(one_model("weights"), tmp) == (
         f"config: 'models.m.checkpoint': '{tmp}/weights' is a directory, not a checkpoint file: point "
         f"'models.m.checkpoint' at the file torch.save wrote (a .pt or .pth; this folder holds best.pt)")
+
+
+LOAD_DEMO = """
+import sys
+import kiln.config
+kiln.config.load_file("config.yaml", base=".")
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_a_checked_checkpoint_is_not_checked_again_and_config_load_imports_no_torch(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KILN_CACHE_DIR": str(cache)}
+    answers = []
+    for _ in range(2):  # two processes, as two Snakefile parses
+        proc = subprocess.run([sys.executable, "-c", LOAD_DEMO], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        answers.append(proc.stdout.strip())
+    assert answers == ["torch imported: True", "torch imported: False"]
+    assert len(list((cache / "checkpoint-checks").glob("*.json"))) == 2  # the demo's two checkpoints
+
+
+def test_a_changed_checkpoint_is_checked_again_and_a_refusal_is_not_cached(ckpts, monkeypatch):
+    tmp, _ = ckpts
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp / "cache"))
+    good = tmp / "good.pt"
+    data = good.read_bytes()
+    load(one_model("good.pt"), base=tmp)
+    assert len(list((tmp / "cache" / "checkpoint-checks").glob("*.json"))) == 1
+    good.write_bytes(data[: len(data) // 2])  # new size and mtime
+    assert "is truncated or damaged" in refusal(one_model("good.pt"), tmp)
+    good.write_bytes(data)  # fixed: passes at once
+    load(one_model("good.pt"), base=tmp)
+    # Same size, mtime set back (as cp -p or rsync -t would): the new ctime tells.
+    before = good.stat()
+    good.write_bytes(data[:-64] + bytes(64))  # the zip directory's end record blanked
+    os.utime(good, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert good.stat().st_size == before.st_size and good.stat().st_mtime_ns == before.st_mtime_ns
+    assert "is truncated or damaged" in refusal(one_model("good.pt"), tmp)
+
+
+def test_a_pass_with_trust_does_not_pass_the_file_without_it(ckpts, monkeypatch):
+    tmp, marker = ckpts
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp / "cache"))
+    load(one_model("pwn.pt", trust_checkpoint=True), base=tmp)  # its zip structure only
+    assert "is not a weights-only state_dict" in refusal(one_model("pwn.pt"), tmp)
+    assert not marker.exists()
+
+
+def test_a_cache_folder_that_cannot_be_written_means_no_caching(ckpts, monkeypatch):
+    tmp, _ = ckpts
+    (tmp / "a-file").write_text("")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp / "a-file" / "cache"))  # no folder can be made there
+    loads = []
+    monkeypatch.setattr(sources, "_weights_only", lambda *a, **k: loads.append(a[0]))
+    for _ in range(2):
+        load(one_model("good.pt"), base=tmp)
+    assert loads == [tmp / "good.pt"] * 2 and (tmp / "a-file").read_text() == ""  # checked each time
+
+
+def test_cache_dir_follows_kiln_then_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "k"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_dir() == tmp_path / "k"
+    monkeypatch.setenv("KILN_CACHE_DIR", "")
+    assert cache_dir() == tmp_path / "x" / "kiln"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "kiln"
 
 
 @pytest.mark.parametrize("message, detail", [

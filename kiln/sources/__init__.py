@@ -12,19 +12,24 @@ Every source returns a module whose ``forward`` takes the layout's inputs and re
 Checkpoints load with ``torch.load(weights_only=True)``. A checkpoint that needs a full pickle
 (Ultralytics' ``.pt`` always does: it pickles the model object) loads only when the model sets
 ``trust_checkpoint: true``, because unpickling can run any code the file's author put in it. When
-the config loads, ``check_checkpoint`` checks each one without unpickling code, and a torch factory
-must lie in a place ``trusted_factories`` declares (:mod:`kiln.sources.factories`).
+the config loads, ``check_checkpoint`` checks each one without unpickling code (a file it passed
+before, unchanged, is not checked again: its verdict is cached, so a config load imports no torch),
+and a torch factory must lie in a place ``trusted_factories`` declares (:mod:`kiln.sources.factories`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import re
+import stat
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from kiln.cache import cache_dir, write_atomic
 from kiln.errors import KilnError
 
 SOURCES = ("torch", "ultralytics", "rtdetr")
@@ -182,13 +187,65 @@ def check_checkpoint(path: str | Path, model_name: str, trust: bool) -> None:
 
     A complete file, the zip structure torch.save writes, then, unless ``trust``, a weights-only load
     (memory-mapped: tensor data is not read). A trusted checkpoint is a full pickle, which only its
-    loading can check: its zip structure is checked.
+    loading can check: its zip structure is checked. A pass is cached on disk (:mod:`kiln.cache`,
+    keyed by :func:`_check_key`), so the next config load of the same, unchanged file neither reads
+    it nor imports torch; a refusal is not cached, so a fixed file passes at once.
     """
     path = Path(path)
-    is_zip = _check_file(path, model_name, at_load=True)
-    if trust or (not is_zip and path.stat().st_size > CHECK_LOAD_MAX_BYTES):
+    key = _check_key(path, trust)
+    if key is not None and _passed_before(key):
         return
-    _weights_only(path, model_name, True, is_zip, trust=False, mmap=is_zip)
+    is_zip = _check_file(path, model_name, at_load=True)
+    if not (trust or (not is_zip and path.stat().st_size > CHECK_LOAD_MAX_BYTES)):
+        _weights_only(path, model_name, True, is_zip, trust=False, mmap=is_zip)
+    if key is not None and _check_key(path, trust) == key:  # not a verdict on a file that changed meanwhile
+        _remember(key)
+
+
+# Bump when check_checkpoint checks more, so that passes of the older checks are not reused.
+CHECK_FORMAT = 1
+
+
+def _check_key(path: Path, trust: bool) -> dict | None:
+    """What a cached pass of ``path`` holds for: this file as it is now; None if it is not a plain file.
+
+    Besides size and mtime, the inode and ctime: ``cp -p``, ``rsync -t`` or ``touch -r`` can give
+    another file of the same size (two checkpoints of one model often are) the old mtime, but a
+    rename gives a new inode and any write or ``touch`` a new ctime, which ``touch`` cannot set.
+    """
+    try:
+        resolved = path.resolve()
+        st = resolved.stat()
+    except (OSError, RuntimeError):
+        return None
+    if not stat.S_ISREG(st.st_mode):  # a directory or a missing file: refused each time, by the check
+        return None
+    return {"format": CHECK_FORMAT, "path": str(resolved), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns, "inode": st.st_ino, "trust": trust}
+
+
+def _verdict_file(key: dict) -> Path | None:
+    """Where the pass for ``key`` is kept: one file per checkpoint path and trust, overwritten when it changes."""
+    name = hashlib.sha256(json.dumps([key["format"], key["path"], key["trust"]]).encode()).hexdigest()[:32]
+    try:
+        return cache_dir() / "checkpoint-checks" / f"{name}.json"
+    except RuntimeError:  # no home folder to find ~/.cache in: no caching
+        return None
+
+
+def _passed_before(key: dict) -> bool:
+    """Whether check_checkpoint passed the file ``key`` describes (an unreadable cache: no)."""
+    where = _verdict_file(key)
+    try:
+        return where is not None and json.loads(where.read_text()) == key
+    except (OSError, ValueError):
+        return False
+
+
+def _remember(key: dict) -> None:
+    where = _verdict_file(key)
+    if where is not None:
+        write_atomic(where, json.dumps(key))
 
 
 def state_dict_of(obj: Any, path: str | Path, keys=("model", "state_dict", "ema")) -> dict:
