@@ -53,6 +53,9 @@ class ModelSpec:
     rtdetr_repo: str | None = None
     rtdetr_config: str | None = None
     nms: str = "none"  # NMS appended to a yolo-layout graph by the surgery stage: none, onnx, efficient
+    # Where a torch factory's code may come from (trusted_factories): package names, absolute folders.
+    trusted_packages: tuple[str, ...] = ("kiln.demo.models",)
+    trusted_folders: tuple[str, ...] = ()
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -268,6 +271,14 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
                     )
         datasets[name] = spec
 
+    trusted = data["trusted_factories"]
+    packages = tuple(trusted["packages"])
+    folders = tuple(str((base / f).resolve()) for f in trusted["folders"])
+    for i, (value, folder) in enumerate(zip(trusted["folders"], folders)):
+        if check_paths and not Path(folder).is_dir():
+            raise KilnError(f"config: 'trusted_factories.folders[{i}]': folder '{value}' not found: fix the path "
+                            f"(relative to {base.resolve()})")
+
     models = {}
     for name, m in data["models"].items():
         if m["dataset"] not in datasets:
@@ -277,7 +288,7 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
             )
         from kiln.sources import check_model
 
-        check_model(name, m, base, check_paths)
+        check_model(name, m, base, check_paths, packages, folders)
         if m["calibration"]["images"] > datasets[m["dataset"]].calib_count:
             raise KilnError(
                 f"config: 'models.{name}.calibration.images' is {m['calibration']['images']} but dataset "
@@ -305,6 +316,8 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
             rtdetr_repo=m.get("rtdetr_repo"),
             rtdetr_config=m.get("rtdetr_config"),
             nms=m["nms"],
+            trusted_packages=packages,
+            trusted_folders=folders,
         )
 
     from kiln import backends

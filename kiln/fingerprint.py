@@ -66,14 +66,7 @@ def code_fingerprint(*modules: str) -> str:
     return h.hexdigest()[:16]
 
 
-def file_fingerprint(module: str) -> str | None:
-    """sha256 (16 hex digits) of a module's source file, found without importing it; None if not found."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin or not Path(spec.origin).is_file():
-        return None
-    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()[:16]
+def file_fingerprint(path: str | Path) -> str | None:
+    """sha256 (16 hex digits) of a file, e.g. a factory's module found by kiln.sources.factories; None if none."""
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None

@@ -44,6 +44,18 @@ def tiny_config(checkpoint_yolo: str = "models/demo_yolo.pt", checkpoint_rtdetr:
     }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def kiln_cache(tmp_path_factory) -> Path:
+    """Kiln's on-disk caches (kiln.cache) in a folder of this test session, never the user's ~/.cache/kiln.
+
+    Set in the environment, so the subprocesses tests start (snakemake, kiln check) use it too.
+    """
+    folder = tmp_path_factory.mktemp("kiln-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def config_dict() -> dict:
     return copy.deepcopy(tiny_config())

@@ -72,8 +72,11 @@ def test_export_refuses_damaged_and_mismatched_checkpoints(specs, tmp_path):
 
 
 def test_export_refuses_unknown_factory(specs, tmp_path):
-    spec = replace(specs["yolo_demo"], factory="kiln.nothing_here:f")
-    with pytest.raises(KilnError, match=r"'models.yolo_demo.factory': cannot import 'kiln.nothing_here'"):
+    spec = replace(specs["yolo_demo"], factory="kiln.nothing_here:f")  # outside trusted_factories
+    with pytest.raises(KilnError, match=r"'models.yolo_demo.factory': 'kiln.nothing_here:f' is not in a trusted place"):
+        export.export_onnx(spec, 17, tmp_path / "x.onnx")
+    spec = replace(specs["yolo_demo"], factory="kiln.demo.models:nothing_here")
+    with pytest.raises(KilnError, match=r"'models.yolo_demo.factory': 'kiln.demo.models' has no function 'nothing_here'"):
         export.export_onnx(spec, 17, tmp_path / "x.onnx")
 
 

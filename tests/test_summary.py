@@ -72,16 +72,14 @@ def test_failed_build_is_reported_with_reason(config_dict, tmp_path):
     assert rows[0]["status"] == "failed" and rows[0]["reason"].startswith("build failed")
 
 
-def test_kiln_check_lists_jobs_and_refuses_bad_config(tmp_path, capsys, config_dict):
+def test_kiln_check_lists_jobs_and_refuses_bad_config(workdir, capsys, config_dict):
     import yaml
 
+    tmp_path = workdir  # holds the demo checkpoints: `kiln check` reads them (weights-only)
     config_dict["devices"] = {"cpu": config_dict["devices"]["cpu"]}
     config_dict["devices"]["cpu"]["precisions"] = ["fp32"]
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(config_dict))
-    (tmp_path / "models").mkdir()
-    for name in ("demo_yolo.pt", "demo_rtdetr.pt"):
-        (tmp_path / "models" / name).write_bytes(b"")
     import os
 
     cwd = os.getcwd()

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-
 from kiln.errors import KilnError
-from kiln.sources import load_checkpoint, state_dict_of
+from kiln.sources import factories, load_checkpoint, state_dict_of
 
 
 def factory(spec):
-    module_name, _, func_name = spec.factory.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise KilnError(
-            f"config: 'models.{spec.name}.factory': cannot import '{module_name}' ({err}): "
-            f"install the package that provides it or fix the module path"
-        ) from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise KilnError(f"config: 'models.{spec.name}.factory': '{module_name}' has no function '{func_name}'")
-    return func
+    """The factory's callable, imported from the trusted place it was found in (kiln.sources.factories)."""
+    trusted = (spec.trusted_packages, spec.trusted_folders)
+    return factories.import_factory(spec.name, factories.resolve(spec.name, spec.factory, *trusted), *trusted)
 
 
 def load_state_dict(path, model_name: str, trust: bool = False) -> dict:
@@ -49,7 +38,8 @@ def build_module(spec):
 
     module = factory(spec)(**spec.factory_args)
     if not isinstance(module, torch.nn.Module):
-        raise KilnError(f"config: 'models.{spec.name}.factory' returned {type(module).__name__}, not a torch nn.Module")
+        raise KilnError(f"config: 'models.{spec.name}.factory': '{spec.factory}' returned {type(module).__name__}, "
+                        f"not a torch.nn.Module: name a function that builds and returns the model")
     state = load_state_dict(spec.checkpoint, spec.name, spec.trust_checkpoint)
     load_strict(module, state, spec, f"'models.{spec.name}.factory' with its factory_args")
     return module.eval()
