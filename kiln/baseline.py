@@ -21,7 +21,7 @@ import numpy as np
 from kiln import paths
 from kiln.config import KilnConfig
 from kiln.inputs import load as load_inputs
-from kiln.util import write_json
+from kiln.util import disk_error, write_json
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,8 @@ def run_baseline(cfg: KilnConfig, device: str, model: str, inputs_npz: str | Pat
         record.update(status="measured", reason=None, latency=lat)
         log.info("baseline %s/%s: p50 %.2f ms at batch 1", device, model, median_at(record) or float("nan"))
     except Exception as err:  # the engine's validation must not depend on PyTorch running here
+        if disk_error(err) is not None:
+            raise  # a full disk is not PyTorch failing: the entry point says so in one line
         log.warning("baseline %s/%s could not run: %s", device, model, err)
         record.update(status="failed", reason=f"{type(err).__name__}: {err}".replace("\n", " "), latency=[])
     write_json(out, record)

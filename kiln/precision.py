@@ -945,19 +945,22 @@ def variant_for_rule(
 
     spec = cfg.models[model]
     options = options_from_config(precision, spec.calibration)
-    calib = None
+    calib = names = None
     if precision in QUANT_PRECISIONS:
         data = load_inputs(calib_npz)
         n = min(len(data), spec.calibration["images"])
         calib = data.feeds(spec, 0, n)
         names = _calib_file_names(cfg, spec, data.image_ids[:n], annotations)
-        with atomic_path(calib_list) as tmp:
-            tmp.write_text("".join(f"{name}\n" for name in names))
     logger = logging.getLogger(__name__)
     logger.info("%s %s: making %s variant of %s", model, precision, precision, src)
     info = make_variant(Path(src), Path(dst), options, calib=calib, log=logger.warning)
     info["calibration_images"] = len(calib["images"]) if calib else 0
     write_json(record, info)
+    if names is not None:
+        # Last, atomically, after the ONNX it belongs to: a job killed before that leaves no list that looks
+        # finished beside a missing (or older) variant.
+        with atomic_path(calib_list) as tmp:
+            tmp.write_text("".join(f"{name}\n" for name in names))
     logger.info("%s %s: done in %.2f s", model, precision, info["wall_s"])
     return info
 

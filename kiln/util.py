@@ -1,11 +1,14 @@
-"""Small helpers shared by every stage: hashing, atomic writes, JSON."""
+"""Small helpers shared by every stage: hashing, atomic writes, JSON, full disks."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,7 +66,6 @@ def _sweep(dst: Path, suffix: str, lock_name: str | None = None) -> None:
     A live writer holds an flock on its temporary (or on `lock_name` inside a scratch folder), so a copy of
     the same job still running elsewhere (an orphan of a killed Snakemake) keeps its files.
     """
-    import shutil
     import time
 
     for old in _stale(dst, suffix):
@@ -124,8 +126,6 @@ def scratch_dir(dst: str | Path) -> Iterator[Path]:
     Beside the output rather than in /tmp: a killed job's leftovers are found and removed by the next
     run of the same step (and /tmp may be small on build nodes). A lock file inside marks it as in use.
     """
-    import shutil
-
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _sweep(dst, ".scratch", lock_name=SCRATCH_LOCK)
@@ -161,3 +161,64 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# A full disk: no tool's failure, and one line naming where and how much is free
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# What a tool that wraps the OSError in its own type (or a child process) keeps of it: its text.
+_DISK_TEXT = re.compile(
+    rf"\[Errno (?P<errno>{errno.ENOSPC}|{errno.EDQUOT})\][^:\n]*(?:: '(?P<path>[^'\n]*)')?"
+    r"|(?P<nospace>no space left on device)|(?P<quota>disk quota exceeded)",
+    re.IGNORECASE,
+)
+
+
+def disk_error(err: BaseException | None) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError behind `err` (itself, its cause or context, or named in its text), or None.
+
+    Stages that catch a tool's failure ask this first: a full disk is the host's problem, not the tool's.
+    """
+    seen: set[int] = set()
+    e = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    m = _DISK_TEXT.search(str(err)) if err is not None else None
+    if m is None:
+        return None
+    code = int(m["errno"]) if m["errno"] else errno.EDQUOT if m["quota"] else errno.ENOSPC
+    return OSError(code, os.strerror(code), m["path"]) if m["path"] else OSError(code, os.strerror(code))
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def disk_full_message(err: OSError, near: str | Path | None = None) -> str:
+    """One line for a full disk or quota: the path written (`near` when the error names none), the free space
+    on its filesystem (shutil.disk_usage), and the fix."""
+    where = Path(os.fsdecode(err.filename)) if err.filename else Path(near) if near else Path.cwd()
+    probe = where
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+        free = f"{_size(usage.free)} free of {_size(usage.total)} on its filesystem"
+    except OSError:
+        free = "free space unknown"
+    if err.errno == errno.EDQUOT:
+        return (f"disk quota exceeded writing '{where}' ({free}, but your quota there is used up): delete some of "
+                f"your files there or ask for a larger quota, then rerun")
+    return (f"no space left on device writing '{where}' ({free}): free some space there, or point 'results' at "
+            f"a larger disk, then rerun")

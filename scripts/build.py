@@ -2,6 +2,7 @@
 import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.build import build_engine
 from kiln.entry import script
+from kiln.util import atomic_path
 
 with script(snakemake) as cfg:  # noqa: F821
     w = snakemake.wildcards
@@ -10,4 +11,5 @@ with script(snakemake) as cfg:  # noqa: F821
                         snakemake.threads, calib_npz=calib, engine_path=snakemake.output.engine)
     if info["status"] != "built":
         # The engine is a declared output (it goes to storage): empty when the build failed; the record says why.
-        open(snakemake.output.engine, "wb").close()
+        with atomic_path(snakemake.output.engine):
+            pass

@@ -2,13 +2,16 @@
 
 TensorRT-RTX's parser and ahead-of-time builder run on this CPU-only host, so both failure kinds are
 real here: a parser refusal (the Det op) and a builder refusal (NonMaxSuppression, which the parser
-takes but the builder cannot implement). TensorRT (non-RTX) failures go through the same code but
-cannot be run here.
+takes but the builder cannot implement), and a custom-domain op that neither TensorRT-RTX nor ONNX
+Runtime has (com.example:Foo). TensorRT (non-RTX) failures go through the same code but cannot be
+run here.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 
 import numpy as np
 import onnx
@@ -54,8 +57,33 @@ def det_model(tmp_path):
     return path
 
 
+@pytest.fixture
+def system_tmp(tmp_path, monkeypatch):
+    """The system temporary folder, empty, for this test and the processes it starts: nothing may be left in it."""
+    folder = tmp_path / "system-tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
+def foo_model(tmp_path):
+    """images -> Relu -> com.example:Foo -> Sigmoid: TensorRT-RTX has no plugin for Foo, ONNX Runtime no kernel."""
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    nodes = [helper.make_node("Relu", ["images"], ["r"], name="/backbone/relu"),
+             helper.make_node("Foo", ["r"], ["f"], name="/Foo", domain="com.example"),
+             helper.make_node("Sigmoid", ["f"], ["output0"], name="/head/sigmoid")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "foo.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
 @needs_rtx
-def test_parser_failure_reduced_to_the_failing_node(det_model, tmp_path):
+def test_parser_failure_reduced_to_the_failing_node(det_model, tmp_path, system_tmp):
     device = rtx_config().devices["rtx"]
     out = tmp_path / "diag" / "diagnosis.json"
     rec = diagnose.diagnose(det_model, device, "fp32", out)
@@ -68,6 +96,85 @@ def test_parser_failure_reduced_to_the_failing_node(det_model, tmp_path):
     reduced = onnx.load(str(tmp_path / "diag" / "reduced.onnx"))
     assert [n.op_type for n in reduced.graph.node] == ["Det"]
     assert json.loads(out.read_text())["hint"] == rec["hint"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["diagnosis.json", "reduced.onnx"]  # scratch removed
+    assert list(system_tmp.iterdir()) == []  # Polygraphy's temporaries went to the scratch folder
+
+
+@needs_rtx
+def test_custom_domain_op_named_straight_from_the_parser(foo_model, tmp_path, system_tmp):
+    """ONNX Runtime cannot run com.example:Foo, so no reduction could work: the graph and the parser name it."""
+    out = tmp_path / "diag" / "diagnosis.json"
+    rec = diagnose.diagnose(foo_model, rtx_config().devices["rtx"], "fp32", out)
+    assert rec["status"] == "diagnosed" and rec["stage"] == "parse"
+    assert rec["failing_nodes"] == rec["reduced_nodes"] == [{"name": "/Foo", "op": "com.example:Foo"}]
+    assert rec["hint"] == (
+        "node 1 '/Foo' (op com.example:Foo): custom-domain op with no kernel/plugin: TensorRT-RTX 1.7 has no plugin "
+        "for it and ONNX Runtime no kernel: register a TensorRT plugin for com.example:Foo on this device (and an "
+        "ONNX Runtime custom-op library for validation), or replace it with standard ONNX ops in the export or a "
+        "surgery pass, or build this model for another device")
+    assert "Plugin not found" in rec["reduced_error"] and str(out.parent / "reduced.onnx") in rec["reduced_error"]
+    assert "reduce_iterations" not in rec  # nothing reduced: the graph says it
+    reduced = onnx.load(str(out.parent / "reduced.onnx"))
+    assert [(n.domain, n.op_type) for n in reduced.graph.node] == [("com.example", "Foo")]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["diagnosis.json", "reduced.onnx"]
+    assert list(system_tmp.iterdir()) == []
+
+
+def test_unknown_ops_are_those_neither_onnx_nor_onnx_runtime_define(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("Gelu", ["a"], ["b"], name="ort_gelu", domain="com.microsoft"),  # an ORT kernel
+             helper.make_node("Swish", ["b"], ["c"], name="local", domain="my.functions"),  # the model's function
+             helper.make_node("Foo", ["c"], ["d"], name="made_up"),  # default domain, not in ONNX
+             helper.make_node("Foo", ["d"], ["y"], name="custom", domain="com.example")]
+    swish = helper.make_function("my.functions", "Swish", ["i"], ["o"],
+                                 [helper.make_node("Sigmoid", ["i"], ["s"]), helper.make_node("Mul", ["i", "s"], ["o"])],
+                                 [helper.make_opsetid("", 17)])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), functions=[swish], ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                             helper.make_opsetid("my.functions", 1),
+                                             helper.make_opsetid("com.example", 1)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert diagnose.unknown_ops(tmp_path / "m.onnx") == [
+        {"index": 3, "name": "made_up", "op": "Foo", "custom": False},
+        {"index": 4, "name": "custom", "op": "com.example:Foo", "custom": True}]
+
+
+@needs_rtx
+def test_a_diagnosis_that_cannot_run_says_why_in_one_line(det_model, tmp_path, system_tmp, monkeypatch):
+    """A Polygraphy step that dies with a traceback: the record's reason and the summary row are one line."""
+    crash = "def sanitize():\n    raise RuntimeError('sanitize exploded')\nsanitize()"
+    monkeypatch.setattr(diagnose, "_polygraphy", lambda: [sys.executable, "-c", crash])
+    cfg = rtx_config()
+    R = cfg.results
+    f = {k: tmp_path / paths.fmt(p, results=R, device="rtx", model="yolo_demo", precision="fp32")
+         for k, p in (("engine", paths.ENGINE_RECORD), ("diag", paths.DIAGNOSIS))}
+    write_json(f["engine"], {"status": "failed", "reason": "TensorRT-RTX 1.7.1.116 cannot parse ..."})
+    rec = diagnose.run_rule(cfg, "rtx", "yolo_demo", "fp32", f["engine"], det_model, f["diag"])
+    assert rec["status"] == "failed"
+    assert rec["reason"] == "diagnose: polygraphy surgeon sanitize failed (exit 1): RuntimeError: sanitize exploded"
+    local = {paths.fmt(p, results=R, device="rtx", model="yolo_demo", precision="fp32"): str(f[k])
+             for k, p in (("engine", paths.ENGINE_RECORD), ("diag", paths.DIAGNOSIS))}
+    row = summary._row(cfg, "rtx", "yolo_demo", "fp32", None, "no GPU here", local=lambda p: local.get(p, p))
+    assert row["diagnosis"] == f"not diagnosed: {rec['reason']}"
+    assert sorted(p.name for p in f["diag"].parent.iterdir()) == ["diagnosis.json"]
+    assert list(system_tmp.iterdir()) == []
+
+
+def test_tool_output_becomes_its_one_line_reason():
+    traceback = """[I] Loading model
+Traceback (most recent call last):
+  File "/venv/bin/polygraphy", line 8, in <module>
+    sys.exit(main())
+             ^^^^^^
+  File "/venv/lib/python3.11/site-packages/onnxruntime/capi/onnxruntime_inference_collection.py", line 755, in x
+    sess = C.InferenceSession(session_options, self._model_bytes, False, self._read_config_from_model)
+onnxruntime.capi.onnxruntime_pybind11_state.Fail: [ONNXRuntimeError] : 1 : FAIL : Fatal error: com.example:Foo(-1) is not a registered function/op
+"""
+    assert diagnose._one_line(traceback) == ("onnxruntime.capi.onnxruntime_pybind11_state.Fail: [ONNXRuntimeError] : 1 : "
+                                             "FAIL : Fatal error: com.example:Foo(-1) is not a registered function/op")
+    assert diagnose._one_line("[I] start\n[!] Could not load   the model\n[I] done") == "Could not load the model"
 
 
 @needs_rtx
