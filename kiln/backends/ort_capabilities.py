@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from kiln.cache import cache_dir, write_atomic
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 # Highest first: the probe keeps the first level at which a precision runs.
 LEVELS = ("ORT_ENABLE_ALL", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_BASIC")
-PROBE_FORMAT = 1  # bump when the probe graphs change, so cached answers are not reused
+PROBE_FORMAT = 2  # bump when the probe graphs change, so cached answers are not reused
 MIN_COSINE = 0.99  # a kernel that runs but computes garbage does not count as running
 
 # Used only for a provider this host lacks (it cannot be asked). Checked with onnxruntime-gpu 1.31.1
@@ -49,13 +49,6 @@ class Capability:
     note: str
 
 
-def cache_dir() -> Path:
-    if os.environ.get("KILN_CACHE_DIR"):
-        return Path(os.environ["KILN_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kiln"
-
-
 @functools.cache
 def capabilities(provider: str = "CPUExecutionProvider") -> dict[str, Capability]:
     """Every precision's capability on `provider`: probed here (cached per version), or UNPROBED's table."""
@@ -72,13 +65,7 @@ def capabilities(provider: str = "CPUExecutionProvider") -> dict[str, Capability
     except (OSError, ValueError, KeyError, TypeError):
         pass
     found = {p: probe(p, provider) for p in PRECISIONS}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({p: asdict(c) for p, c in found.items()}, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home: probe again next time
+    write_atomic(path, json.dumps({p: asdict(c) for p, c in found.items()}, indent=1))  # read-only: probe next time
     return found
 
 
