@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from kiln import paths
-from kiln.config import KilnConfig
 from kiln.inputs import load as load_inputs
+from kiln.specs import KilnConfig
 from kiln.util import disk_error, write_json
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from kiln import backends, paths
-from kiln.config import KilnConfig
 from kiln.errors import KilnError
+from kiln.specs import KilnConfig
 from kiln.util import atomic_path, sha256, write_json
 
 log = logging.getLogger(__name__)

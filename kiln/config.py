@@ -3,139 +3,19 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kiln.errors import KilnError
+from kiln.specs import PRECISIONS, DatasetSpec, DeviceProfile, KilnConfig, ModelSpec
+
+__all__ = ["PRECISIONS", "DatasetSpec", "DeviceProfile", "KilnConfig", "ModelSpec", "load", "load_file", "read_yaml"]
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
-# "best" is TensorRT < 11's builder mode (all precision flags on the fp32 ONNX), not an ONNX variant.
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "best")
 NAME_HINT = "use letters, digits, '_' and '-', starting with a letter (names become file paths)"
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    generator: str | None
-    seed: int
-    image_size: int
-    calib_images: str | None
-    calib_count: int
-    val_images: str | None
-    val_annotations: str | None
-    val_count: int
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    source: str
-    factory: str | None
-    factory_args: dict
-    checkpoint: str
-    layout: str
-    dataset: str
-    input_size: tuple[int, int]
-    preprocess: str
-    dynamic_batch: bool
-    dynamic_hw: bool
-    surgery: tuple[str, ...]
-    simplify: bool
-    decode: dict
-    calibration: dict
-    # Model sources (kiln/sources/): a full pickle loads only with trust_checkpoint (it can run code).
-    trust_checkpoint: bool = False
-    ultralytics_yaml: str | None = None
-    rtdetr_repo: str | None = None
-    rtdetr_config: str | None = None
-    nms: str = "none"  # NMS appended to a yolo-layout graph by the surgery stage: none, onnx, efficient
-    # Where a torch factory's code may come from (trusted_factories): package names, absolute folders.
-    trusted_packages: tuple[str, ...] = ("kiln.demo.models",)
-    trusted_folders: tuple[str, ...] = ()
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return ("images", "orig_target_sizes") if self.layout == "rtdetr" else ("images",)
-
-    @property
-    def head_output_names(self) -> tuple[str, ...]:
-        """Outputs of the exported model (before the surgery stage appends NMS)."""
-        return ("labels", "boxes", "scores") if self.layout == "rtdetr" else ("output0",)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        """Outputs of the model's ONNX variants and engines."""
-        if self.nms != "none":
-            return ("num_detections", "boxes", "scores", "classes")
-        return self.head_output_names
-
-    @property
-    def detection_outputs(self) -> bool:
-        """Outputs are per-image detections (top-k or after NMS), compared by matching, not by cosine."""
-        return self.layout in ("rtdetr", "ultralytics_rtdetr") or self.nms != "none"
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """A target device: its backend and everything that shapes its engines."""
-
-    name: str
-    backend: str
-    opset: int
-    precisions: tuple[str, ...]
-    providers: tuple[str, ...]
-    threads: int
-    batch_sizes: tuple[int, ...]
-    models: tuple[str, ...]
-    compute_capability: str | None = None
-    tensorrt_min: str | None = None
-    tensorrt_max: str | None = None
-    jetson: bool = False
-    workspace_mb: int | None = None
-    builder_optimization_level: int = 3
-    hardware_compatibility: str = "none"
-    version_compatible: bool = False
-    tf32: bool = True
-    int8_mode: str = "qdq"
-    dla_core: int | None = None
-    profiles: tuple = ()
-    cluster: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class KilnConfig:
-    """The checked configuration: what every rule and script reads."""
-
-    results: str
-    datasets: dict[str, DatasetSpec]
-    models: dict[str, ModelSpec]
-    devices: dict[str, DeviceProfile]
-    validation: dict
-    raw: dict = field(repr=False, compare=False)
-
-    def opsets(self, model: str) -> list[int]:
-        """Opsets this model is exported at: one per distinct device opset."""
-        return sorted({d.opset for d in self.devices.values() if model in d.models})
-
-    def precisions(self, model: str, opset: int) -> list[str]:
-        """Precision-variant ONNX files needed of this model at this opset, over every device."""
-        from kiln import backends
-
-        wanted = {
-            backends.get(d.backend).source_precision(p, d)
-            for d in self.devices.values()
-            if model in d.models and d.opset == opset
-            for p in d.precisions
-        }
-        return [p for p in PRECISIONS if p in wanted]
-
-    def jobs(self) -> list[tuple[str, str, str]]:
-        """Every (device, model, precision) the config asks for, in config order."""
-        return [(d.name, m, p) for d in self.devices.values() for m in d.models for p in d.precisions]
 
 
 # --------------------------------------------------------------------------- loading
@@ -356,6 +236,7 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
         backend = backends.get(device.backend)
         for problem in backend.check_device(device):
             raise KilnError(f"config: 'devices.{name}': {problem}")
+        device = dataclasses.replace(device, variants={p: backend.source_precision(p, device) for p in device.precisions})
         from kiln import trt_ops
 
         if device.backend in trt_ops.LABELS:  # what the op table says this device's parser cannot build

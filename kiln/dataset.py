@@ -8,14 +8,13 @@ import os
 import shutil
 from pathlib import Path
 
-from kiln.config import DatasetSpec
+from kiln.coco import IMAGE_DIR_KEY
 from kiln.errors import KilnError
+from kiln.specs import DatasetSpec
 from kiln.util import write_json
 
 log = logging.getLogger(__name__)
 
-# Key Kiln adds to a split's JSON when the images live elsewhere than images/ beside it.
-IMAGE_DIR_KEY = "kiln_image_dir"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -29,25 +28,28 @@ def params(cfg, dataset: str, split: str) -> dict:
     return {"images": d.val_images, "annotations": d.val_annotations, "count": d.val_count}
 
 
-def image_dir(annotations: str | Path) -> Path:
-    """Folder that holds the images of a split written by this stage."""
-    annotations = Path(annotations)
-    data = json.loads(annotations.read_text())
-    return Path(data.get(IMAGE_DIR_KEY) or annotations.parent / "images")
+# Dataset generators (`datasets.<name>.generator`), each a module with generate_split(out, split, count,
+# seed, image_size), imported by name: the dataset stage's code fingerprint covers the one a dataset uses.
+GENERATORS = {"shapes": "kiln.demo.shapes"}
+
+
+def generator(name: str):
+    """The generator module registered under `name`."""
+    import importlib
+
+    return importlib.import_module(GENERATORS[name])
 
 
 def prepare(spec: DatasetSpec, split: str, out: str | Path) -> Path:
     """Write `out` (annotations.json of one split); generated images go to images/ beside it."""
     out = Path(out)
-    if spec.generator == "shapes":
-        from kiln.demo.shapes import generate_split
-
+    if spec.generator:
         count = spec.calib_count if split == "calib" else spec.val_count
         log.info("dataset %s/%s: generating %d images (seed %d)", spec.name, split, count, spec.seed)
         # Generate into a sibling folder and swap it in, so a killed job leaves no half split.
         tmp = out.parent.with_name(out.parent.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        generate_split(tmp, split, count, seed=spec.seed, image_size=spec.image_size)
+        generator(spec.generator).generate_split(tmp, split, count, seed=spec.seed, image_size=spec.image_size)
         shutil.rmtree(out.parent, ignore_errors=True)
         os.replace(tmp, out.parent)
         return out

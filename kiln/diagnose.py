@@ -78,7 +78,7 @@ def device_json(device) -> str:
 
 
 def device_from_json(text: str):
-    from kiln.config import DeviceProfile
+    from kiln.specs import DeviceProfile
 
     data = json.loads(text)
     for f in dataclasses.fields(DeviceProfile):

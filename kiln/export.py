@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kiln.config import KilnConfig, ModelSpec
 from kiln.errors import KilnError
 from kiln.numerics import cpu_independent_torch
+from kiln.specs import KilnConfig, ModelSpec
 from kiln.util import atomic_path
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,6 @@ def params(cfg: KilnConfig, model: str) -> dict:
     if m.source != "torch" or m.trust_checkpoint:
         out.update(trust_checkpoint=m.trust_checkpoint, max_det=m.decode["max_det"])
     return out
-
-
-def load_state_dict(path: str | Path, model_name: str, trust: bool = False) -> dict:
-    """Load a checkpoint's state_dict: weights-only, unless ``trust`` (kiln.sources.load_checkpoint)."""
-    from kiln.sources.torch import load_state_dict as load
-
-    return load(path, model_name, trust)
 
 
 def build_module(spec: ModelSpec):

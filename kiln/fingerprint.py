@@ -1,8 +1,11 @@
-"""Fingerprints of the kiln code a rule runs, so a code change reruns exactly the rules it affects.
+"""Fingerprints of the kiln code a job runs, so a code edit reruns exactly the jobs it can affect.
 
 Snakemake watches a rule's script file but not the package modules the script
-imports. Each rule therefore carries, as a tracked param, the hash of its
-stage module and every kiln module that one imports, found statically.
+imports. Each job therefore carries, as a tracked param, the hash of its
+stage module and every kiln module that one imports, found statically, plus
+the modules a registry imports by name for that job: its device's backend, its
+model's source adapter, its dataset's generator (kiln.workflow.Plan.code).
+Registries import by name so that a stage's closure holds none of them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+@functools.cache
 def _module_file(name: str) -> Path | None:
     rel = Path(*name.split("."))
     for candidate in (PACKAGE_DIR.parent / rel.with_suffix(".py"), PACKAGE_DIR.parent / rel / "__init__.py"):
@@ -23,7 +27,8 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def _kiln_imports(path: Path) -> set[str]:
+@functools.cache
+def _kiln_imports(path: Path) -> frozenset[str]:
     """kiln modules imported anywhere in `path` (including imports inside functions)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -33,7 +38,7 @@ def _kiln_imports(path: Path) -> set[str]:
             found.add(node.module)
             # `from kiln import paths` imports the module kiln.paths.
             found |= {f"{node.module}.{a.name}" for a in node.names if _module_file(f"{node.module}.{a.name}")}
-    return found
+    return frozenset(found)
 
 
 @functools.cache

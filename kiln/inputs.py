@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.config import ModelSpec
-from kiln.dataset import image_dir
+from kiln.coco import image_dir
 from kiln.errors import KilnError
+from kiln.specs import ModelSpec
 from kiln.util import atomic_path
 
 log = logging.getLogger(__name__)

@@ -1,18 +1,146 @@
-"""What every backend's runner offers to validation."""
+"""The backend contract: every question the workflow, the config check and the stages ask of a backend.
+
+A backend is a subclass of :class:`Backend` registered under its name (kiln.backends). Nothing outside
+``kiln/backends/`` knows a backend's name or compares it: the config check, the host plan
+(kiln.workflow), build, validate, baseline, diagnose, surgery and the summary ask these methods. A
+method without a default is abstract, so a backend that lacks one fails when it is instantiated,
+naming what is missing.
+
+Its engines run through a :class:`Runner`: activated when constructed, then ``infer`` (and, for
+runners timed on the device, ``query``), then ``close``.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 
-class Runner(Protocol):
-    """A loaded engine: named inputs in, named outputs out."""
+class Runner(ABC):
+    """A loaded engine: named inputs in, named outputs out.
 
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
+    Runners timed by the host (ONNX Runtime on the CPU) implement ``infer`` alone. Runners timed on the
+    device set ``device_timed`` and implement ``query``: validation then times them with CUDA events on
+    ``stream`` through ``cudart`` (kiln.latency), at every batch size of ``profile``.
+    """
 
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    device_timed: ClassVar[bool] = False
+    # Device timing (device_timed runners): CUDA stream and runtime bindings the events are recorded on,
+    # the optimization profile in use, why CUDA graphs are off (None: not off), and the engine file (for
+    # the backend's own latency tool).
+    stream: Any = None
+    cudart: Any = None
+    profile: int = 0
+    graph_note: str | None = None
+    cuda_graph: str = "off"
+    engine_path: Path | None = None
+
+    @abstractmethod
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch synchronously and return host arrays."""
-        ...
+
+    def query(self, feeds: dict[str, np.ndarray], mark: Callable[[str], None]) -> Callable[[], Any]:
+        """A step that runs one query of ``feeds`` on the device, calling ``mark(phase)`` between phases."""
+        raise NotImplementedError(f"{type(self).__name__} is timed by the host: it has no device query")
+
+    def max_batch(self) -> int | None:
+        """The largest batch the engine accepts (None: no limit it knows of)."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What validation.json records about the runner (providers, profile, CUDA graphs)."""
+        return {}
+
+    def close(self) -> None:
+        """Release the engine, its contexts and device memory (nothing to release by default)."""
+        return None
+
+
+class Backend(ABC):
+    """One runtime that builds and runs engines for devices (``devices.<name>.backend``)."""
+
+    name: ClassVar[str]  # the registry key, as configs name it
+    label: ClassVar[str]  # for messages: "ONNX Runtime", "TensorRT"
+    engine_file: ClassVar[str]  # the engine's file name in its folder (model.engine, model.onnx)
+    # The op table's flavor (kiln.trt_ops) that this backend's ONNX parser is checked against: surgery
+    # passes, config-time op checks and diagnosis of failed builds use it. None: no parser to check.
+    parser_flavor: ClassVar[str | None] = None
+
+    # ------------------------------------------------------------------ availability
+
+    @abstractmethod
+    def is_available(self) -> bool:
+        """The backend's Python package imports on this host."""
+
+    @abstractmethod
+    def version(self) -> str | None:
+        """Its version here, or None when it is not installed."""
+
+    # ------------------------------------------------------------------ config time
+
+    @abstractmethod
+    def check_device(self, device) -> list[str]:
+        """Config-time problems of a device on this backend (precision, opset, keys), each with its fix."""
+
+    def source_precision(self, precision: str, device) -> str:
+        """The precision-variant ONNX an engine of ``precision`` is built from."""
+        return precision
+
+    def needs_calibration(self, device, precision: str) -> bool:
+        """Whether building this precision calibrates on the calibration inputs (an INT8 calibrator)."""
+        return False
+
+    def strongly_typed(self, device) -> bool:
+        """Whether every tensor type comes from the ONNX (True) or from builder flags (False)."""
+        return True
+
+    # ------------------------------------------------------------------ this host
+
+    @abstractmethod
+    def check_host(self, device) -> str | None:
+        """Why this host cannot run the device's engines (validate), or None when it can."""
+
+    @abstractmethod
+    def check_build_host(self, device) -> str | None:
+        """Why this host cannot build the device's engines, or None when it can."""
+
+    def builds_on_device(self, device) -> bool:
+        """Whether its engines must be built on the device itself (False: ahead of time on any host)."""
+        return True
+
+    def needs_gpu(self, device, rule: str) -> bool:
+        """Whether a job of ``rule`` (build, validate, baseline, diagnose) for ``device`` needs a GPU."""
+        return True
+
+    def baseline_torch_device(self, device) -> str:
+        """Where the PyTorch eager baseline of this device runs: "cuda" on a GPU device, else "cpu"."""
+        return "cuda" if self.needs_gpu(device, "validate") else "cpu"
+
+    # ------------------------------------------------------------------ build and run
+
+    def build_params(self, device, validation_batch_size: int) -> dict[str, Any]:
+        """Device settings that change an engine (tracked by Snakemake)."""
+        return {}
+
+    @abstractmethod
+    def build(self, onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0,
+              **extra: Any) -> dict[str, Any]:
+        """Build the engine of ``precision`` from ``onnx_path`` into ``engine_path``; returns its metadata."""
+
+    @abstractmethod
+    def load_runner(self, engine_path: Path, device, threads: int = 0) -> Runner:
+        """The engine at ``engine_path``, loaded for inference."""
+
+    def latency_tool(self, runner: Runner, shapes: dict[str, list[int]], settings: Any) -> dict[str, Any] | None:
+        """The backend's own latency tool on the same engine and shapes (trtexec), or None when it has none."""
+        return None
+
+    def latency_tool_name(self) -> str | None:
+        """The name of that tool (for "not on PATH" notes), or None."""
+        return None

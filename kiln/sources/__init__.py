@@ -358,34 +358,23 @@ def check_model(name: str, m: dict, base: Path, check_paths: bool, packages: tup
                                 f"holding RT-DETR's src/ and tools/ (e.g. RT-DETR/rtdetrv2_pytorch)")
 
 
+# Each source is one adapter module with build_module(spec) and params(spec), imported by name only
+# when a model uses it: a stage's code fingerprint covers its model's adapter and no other.
+ADAPTERS = {"torch": "kiln.sources.torch", "ultralytics": "kiln.sources.ultralytics", "rtdetr": "kiln.sources.rtdetr"}
+
+
+def adapter(source: str):
+    """The adapter module of ``source`` (kiln.sources.torch, ...)."""
+    import importlib
+
+    return importlib.import_module(ADAPTERS[source])
+
+
 def build_module(spec):
     """The model of ``spec`` in eval mode, ready to trace: forward(inputs) -> the layout's outputs."""
-    if spec.source == "ultralytics":
-        from kiln.sources import ultralytics
-
-        return ultralytics.build_module(spec)
-    if spec.source == "rtdetr":
-        from kiln.sources import rtdetr
-
-        return rtdetr.build_module(spec)
-    from kiln.sources import torch as torch_source
-
-    return torch_source.build_module(spec)
+    return adapter(spec.source).build_module(spec)
 
 
 def params(spec) -> dict:
     """What of the source, beside the config keys, changes the export (code and versions)."""
-    if spec.source == "ultralytics":
-        from kiln.sources import ultralytics
-
-        return ultralytics.params(spec)
-    if spec.source == "rtdetr":
-        from kiln.sources import rtdetr
-
-        return rtdetr.params(spec)
-    from kiln.fingerprint import file_fingerprint
-    from kiln.sources import factories
-
-    # Found by path, not imported: a dry run never runs the factory's module.
-    found = factories.locate(spec.factory, spec.trusted_packages, spec.trusted_folders) if spec.factory else None
-    return {"factory_code": file_fingerprint(found.file) if found else None}
+    return adapter(spec.source).params(spec)

@@ -43,3 +43,11 @@ def build_module(spec):
     state = load_state_dict(spec.checkpoint, spec.name, spec.trust_checkpoint)
     load_strict(module, state, spec, f"'models.{spec.name}.factory' with its factory_args")
     return module.eval()
+
+
+def params(spec) -> dict:
+    """The factory module's source file, found by path and not imported: a dry run never runs it."""
+    from kiln.fingerprint import file_fingerprint
+
+    found = factories.locate(spec.factory, spec.trusted_packages, spec.trusted_folders) if spec.factory else None
+    return {"factory_code": file_fingerprint(found.file) if found else None}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.config import ModelSpec
 from kiln.inputs import Inputs
+from kiln.specs import ModelSpec
 
 
 def _unletterbox(boxes: np.ndarray, ratio: float, pad: np.ndarray, size: np.ndarray) -> np.ndarray:

@@ -91,7 +91,7 @@ def write(folder: str | Path, annotations: str | Path, image_ids, dets: list[dic
     """
     from PIL import Image
 
-    from kiln.dataset import image_dir
+    from kiln.coco import image_dir
 
     data = json.loads(Path(annotations).read_text())
     files = {im["id"]: im["file_name"] for im in data["images"]}

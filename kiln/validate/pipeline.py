@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.config import ModelSpec
 from kiln.inputs import Inputs, letterbox, resize
+from kiln.specs import ModelSpec
 from kiln.validate import latency
 from kiln.validate.accuracy import detections
 
@@ -28,7 +28,7 @@ def load_images(annotations: str | Path, count: int) -> list:
     """The first `count` images of a split (by id), decoded to RGB and kept in memory."""
     from PIL import Image
 
-    from kiln.dataset import image_dir
+    from kiln.coco import image_dir
 
     data = json.loads(Path(annotations).read_text())
     folder = image_dir(annotations)

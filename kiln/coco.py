@@ -1,0 +1,16 @@
+"""A dataset split as the `dataset` stage writes it (COCO JSON): where its images are. Shared by the stages that read splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Key Kiln adds to a split's JSON when the images live elsewhere than images/ beside it.
+IMAGE_DIR_KEY = "kiln_image_dir"
+
+
+def image_dir(annotations: str | Path) -> Path:
+    """Folder that holds the images of a split written by the `dataset` stage."""
+    annotations = Path(annotations)
+    data = json.loads(annotations.read_text())
+    return Path(data.get(IMAGE_DIR_KEY) or annotations.parent / "images")
