@@ -13,7 +13,7 @@ times the same CUDA work four ways:
 and sets each against its floor: max(FLOPs / peak dense bf16 FLOP/s, bytes / peak memory
 bandwidth) for the GPU the driver reports. One workload also runs with H2D and D2H copies and
 ``mark``s, so the harness's per-phase (H2D / compute / D2H) times can be checked against plain
-events around the forward alone. Finally kiln.backends.trt_common.capture_graph captures a GEMM
+events around the forward alone. Finally kiln.backends.trt.cuda.capture_graph captures a GEMM
 chain into a CUDA graph through cuda.bindings and the graph's replay is timed and checked.
 
 Usage: python bench/latency_gpu.py [--out DIR] [--seconds 0.5]. Writes DIR/latency_gpu.json and
@@ -205,12 +205,12 @@ def phased(torch, fn_model, x_host, out_host, seconds, x_dev) -> dict:
 
 
 def graph_check(torch, n: int, layers: int, seconds: float) -> dict:
-    """Capture a GEMM chain with trt_common.capture_graph (cuda.bindings) and replay it."""
+    """Capture a GEMM chain with kiln.backends.trt.cuda.capture_graph (cuda.bindings) and replay it."""
     import statistics
 
-    from kiln.backends import trt_common
+    from kiln.backends.trt.cuda import CudaRuntime, capture_graph
 
-    rt = trt_common.CudaRuntime()
+    rt = CudaRuntime()
     s = torch.cuda.Stream()
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -231,7 +231,7 @@ def graph_check(torch, n: int, layers: int, seconds: float) -> dict:
         s.synchronize()
         ref = eager().clone()
         s.synchronize()
-        graph, reason = trt_common.capture_graph(rt, s.cuda_stream, eager)
+        graph, reason = capture_graph(rt, s.cuda_stream, eager)
         out["captured"] = graph is not None
         out["reason"] = reason
         if graph is None:
@@ -260,7 +260,7 @@ def runner_check(seconds: float) -> dict:
     import cupy as cp
     import numpy as np
 
-    from kiln.backends import trt_common
+    from kiln.backends.trt.runner import TrtEngineRunner
 
     class Trt:
         class TensorIOMode:
@@ -320,7 +320,7 @@ def runner_check(seconds: float) -> dict:
         def create_execution_context(self):
             return Context()
 
-    runner = trt_common.TrtEngineRunner.from_engine(Trt, Engine(), None)
+    runner = TrtEngineRunner.from_engine(Trt, Engine(), None)
     out: dict = {"checks": {}}
     for b in (2, 8, 2):
         x = np.random.default_rng(b).standard_normal((b, 3, 64, 64)).astype(np.float32)

@@ -51,7 +51,7 @@ FLAVORS = ("tensorrt", "tensorrt-rtx")
 # 3 the disk (or quota) is full: the host's problem, never the model's.
 PASS, FAIL, OTHER, DISK_FULL = 0, 1, 2, 3
 CHECK_TIMEOUT_S = 600
-# How the backends' parse errors name a node (kiln/backends/trt_common.py parser_error_text).
+# How the backends' parse errors name a node (kiln/backends/trt/parser.py parser_error_text).
 _NAMED = re.compile(r"node (\d+) '([^']*)' \(op ([^)]*)\)")
 
 
@@ -90,16 +90,17 @@ def device_from_json(text: str):
 def check(onnx_path: Path, device, precision: str, stage: str) -> tuple[int, str, str]:
     """(exit code, stage reached, message): does this device's backend parse (and build) the ONNX?"""
     from kiln import backends
-    from kiln.backends import trt_common as common
+    from kiln.backends.trt.importer import major_minor, polygraphy_logs, polygraphy_trt
+    from kiln.backends.trt.parser import parse_onnx
 
     backend = backends.get(device.backend)
     flavor = device.backend
     try:
-        ns = common.polygraphy_trt(flavor)
+        ns = polygraphy_trt(flavor)
         strongly = flavor == "tensorrt-rtx" or backend.source_precision(precision, device) != "fp32" or \
-            (common.major_minor(ns.trt.__version__) or (0, 0)) >= (11, 0)
-        with common.polygraphy_logs():
-            common.parse_onnx(ns, onnx_path, strongly)
+            (major_minor(ns.trt.__version__) or (0, 0)) >= (11, 0)
+        with polygraphy_logs():
+            parse_onnx(ns, onnx_path, strongly)
     except KilnError as err:
         return FAIL, "parse", str(err)
     except Exception as err:
@@ -190,7 +191,7 @@ def _polygraphy() -> list[str]:
 
 def _static_shapes(onnx_path: Path, spec=None) -> list[str]:
     """--override-input-shapes arguments: every dynamic axis at its smallest useful value (batch 1)."""
-    from kiln.backends.trt_common import onnx_inputs
+    from kiln.backends.trt.profile import onnx_inputs
 
     out = []
     for name, dims in onnx_inputs(onnx_path).items():

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ast
 import copy
+import importlib
 import json
 import os
+import pkgutil
 import re
 import stat
 from pathlib import Path
@@ -21,8 +23,12 @@ import numpy as np
 import pytest
 
 from kiln import paths
-from kiln.backends import tensorrt, tensorrt_rtx, trt_common
-from kiln.backends.trt_common import HostInfo, guard
+from kiln.backends import tensorrt, tensorrt_rtx
+from kiln.backends import trt as trt_package
+from kiln.backends.trt import builder, importer
+from kiln.backends.trt import host as trt_host
+from kiln.backends.trt.host import HostInfo, detect_host, guard, timing_cache_key
+from kiln.backends.trt.profile import profiles_for
 from kiln.config import load
 from kiln.errors import KilnError
 from kiln.util import atomic_path
@@ -120,14 +126,14 @@ def test_rtx_builds_engine_without_gpu(onnx_models, tmp_path, monkeypatch, preci
     cfg = load_device(RTX_DEVICE)
     device = cfg.devices["dev"]
     plans: list[bytes] = []
-    real = trt_common.serialize_network
+    real = builder.serialize_network
 
     def spy(*args, **kwargs):
         plan = real(*args, **kwargs)
         plans.append(bytes(memoryview(plan)))
         return plan
 
-    monkeypatch.setattr(trt_common, "serialize_network", spy)
+    monkeypatch.setattr(builder, "serialize_network", spy)
     engine = tmp_path / "engines" / "engine.engine"
     with atomic_path(engine) as tmp:
         meta = tensorrt_rtx.build(onnx_models[precision], tmp, device, precision,
@@ -210,7 +216,7 @@ def test_rtx_parse_failure_is_a_recorded_build_failure(bad_onnx, tmp_path, monke
 
 @needs_rtx
 def test_rtx_cannot_run_here_without_driver():
-    if trt_common.detect_host().driver:
+    if detect_host().driver:
         pytest.skip("this host has a CUDA driver")
     device = device_of(RTX_DEVICE)
     assert tensorrt_rtx.check_host(device) == "TensorRT-RTX engines need a CUDA driver to run; this host has none"
@@ -225,15 +231,15 @@ def test_polygraphy_flavors_do_not_mix_in_one_process(monkeypatch):
 
     from polygraphy import config as pg_config
 
-    ns = trt_common.polygraphy_trt("tensorrt-rtx")
+    ns = importer.polygraphy_trt("tensorrt-rtx")
     ns.pg.util.get_trt_logger()  # makes Polygraphy import tensorrt_rtx for real
     assert pg_config.USE_TENSORRT_RTX is True
     fake = types.ModuleType("tensorrt")
     fake.Builder, fake.__version__ = object, "10.13.0.35"
-    real = trt_common.import_trt
-    monkeypatch.setattr(trt_common, "import_trt", lambda flavor: fake if flavor == "tensorrt" else real(flavor))
+    real = importer.import_trt
+    monkeypatch.setattr(importer, "import_trt", lambda flavor: fake if flavor == "tensorrt" else real(flavor))
     with pytest.raises(KilnError, match="already uses tensorrt_rtx.*process of their own"):
-        trt_common.polygraphy_trt("tensorrt")
+        importer.polygraphy_trt("tensorrt")
     # Refused before changing anything: this process still builds TensorRT-RTX engines.
     assert pg_config.USE_TENSORRT_RTX is True and os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] == "1"
 
@@ -340,12 +346,12 @@ def test_build_settings_tensorrt_below_and_from_11():
 
 
 def test_parser_max_opset_table():
-    assert trt_common.parser_max_opset("8.5.2") == 17
-    assert trt_common.parser_max_opset("8.6.1") == 17
-    assert trt_common.parser_max_opset("10.13.0.35") == 20
-    assert trt_common.parser_max_opset("10.15") == 24
-    assert trt_common.parser_max_opset("11.0") == 25
-    assert trt_common.parser_max_opset("8.4") is None
+    assert importer.parser_max_opset("8.5.2") == 17
+    assert importer.parser_max_opset("8.6.1") == 17
+    assert importer.parser_max_opset("10.13.0.35") == 20
+    assert importer.parser_max_opset("10.15") == 24
+    assert importer.parser_max_opset("11.0") == 25
+    assert importer.parser_max_opset("8.4") is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,15 +390,15 @@ def test_guard_version_range_and_no_gpu():
 @pytest.fixture
 def fresh_probe():
     """detect_host's GPU probe is cached per process: probe anew, and leave no made-up answer behind."""
-    trt_common._probe_gpu.cache_clear()
+    trt_host._probe_gpu.cache_clear()
     yield
-    trt_common._probe_gpu.cache_clear()
+    trt_host._probe_gpu.cache_clear()
 
 
 def test_detect_host_without_gpu(monkeypatch, fresh_probe):
-    monkeypatch.setattr(trt_common, "_probe_cuda_bindings", lambda: None)
-    monkeypatch.setattr(trt_common, "_probe_nvidia_smi", lambda: None)
-    host = trt_common.detect_host()
+    monkeypatch.setattr(trt_host, "_probe_cuda_bindings", lambda: None)
+    monkeypatch.setattr(trt_host, "_probe_nvidia_smi", lambda: None)
+    host = detect_host()
     assert host.driver is False and host.compute_capability is None and host.gpu is None
     assert host.tensorrt_rtx == tensorrt_rtx.version()
     assert host.tensorrt == tensorrt.version()
@@ -407,20 +413,20 @@ def test_detect_host_reads_nvidia_smi(tmp_path, monkeypatch, fresh_probe):
     )
     smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(trt_common, "_probe_cuda_bindings", lambda: None)
-    host = trt_common.detect_host()
+    monkeypatch.setattr(trt_host, "_probe_cuda_bindings", lambda: None)
+    host = detect_host()
     assert (host.gpu, host.compute_capability, host.cuda_driver, host.driver, host.probe) == (
         "NVIDIA GeForce RTX 4090", "8.9", "12.4", True, "nvidia-smi")
     assert tensorrt_rtx.check_host(device_of(RTX_DEVICE), host) is None
-    key = trt_common.timing_cache_key(host, "10.13.0.35")
+    key = timing_cache_key(host, "10.13.0.35")
     assert key == "NVIDIA-GeForce-RTX-4090_sm89_cuda12.4_trt10.13.0.35"
 
 
 def test_timing_cache_key_is_a_file_name():
-    key = trt_common.timing_cache_key(HostInfo(gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0",
+    key = timing_cache_key(HostInfo(gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0",
                                                cuda_driver="12.8", tensorrt="10.13.0.35"))
     assert key == "NVIDIA-H100-80GB-HBM3_sm90_cuda12.8_trt10.13.0.35"
-    assert "/" not in trt_common.timing_cache_key(HostInfo(gpu="a/b c"))
+    assert "/" not in timing_cache_key(HostInfo(gpu="a/b c"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,7 +448,7 @@ def _onnx_with_inputs(path: Path, inputs: dict[str, list]) -> Path:
 def test_default_profile_rtdetr_inputs(tmp_path):
     path = _onnx_with_inputs(tmp_path / "m.onnx", {"images": ["batch", 3, 64, 64], "orig_target_sizes": ["batch", 2]})
     device = device_of({**RTX_DEVICE, "batch_sizes": [1, 2]})
-    assert trt_common.profiles_for(device, path, validation_batch_size=16) == [{
+    assert profiles_for(device, path, validation_batch_size=16) == [{
         "images": {"min": [1, 3, 64, 64], "opt": [2, 3, 64, 64], "max": [16, 3, 64, 64]},
         "orig_target_sizes": {"min": [1, 2], "opt": [2, 2], "max": [16, 2]},
     }]
@@ -453,22 +459,22 @@ def test_profiles_dynamic_hw_and_configured(tmp_path):
     cfg = load_device(RTX_DEVICE)
     device = cfg.devices["dev"]
     with pytest.raises(KilnError, match="dynamic axis 2"):
-        trt_common.profiles_for(device, path)
+        profiles_for(device, path)
     spec = cfg.models["yolo_demo"]
-    prof = trt_common.profiles_for(device, path, model_spec=spec)[0]["images"]
+    prof = profiles_for(device, path, model_spec=spec)[0]["images"]
     assert prof["min"] == [1, 3, 256, 256] and prof["max"] == [8, 3, 256, 256]
 
     given = {**RTX_DEVICE, "profiles": [{"images": {"min": [1, 3, 32, 32], "opt": [2, 3, 64, 64],
                                                      "max": [4, 3, 128, 128]}}]}
-    assert trt_common.profiles_for(device_of(given), path)[0]["images"]["max"] == [4, 3, 128, 128]
+    assert profiles_for(device_of(given), path)[0]["images"]["max"] == [4, 3, 128, 128]
     wrong = {**RTX_DEVICE, "profiles": [{"image": {"min": [1, 3, 32, 32], "opt": [1, 3, 32, 32],
                                                    "max": [1, 3, 32, 32]}}]}
     with pytest.raises(KilnError, match=r"profiles\[0\]' names image, not inputs"):
-        trt_common.profiles_for(device_of(wrong), path)
+        profiles_for(device_of(wrong), path)
     unordered = {**RTX_DEVICE, "profiles": [{"images": {"min": [4, 3, 32, 32], "opt": [1, 3, 32, 32],
                                                         "max": [8, 3, 32, 32]}}]}
     with pytest.raises(KilnError, match="min <= opt <= max"):
-        trt_common.profiles_for(device_of(unordered), path)
+        profiles_for(device_of(unordered), path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,6 +504,12 @@ def test_calibrator_needs_its_inputs(tmp_path):
 # TensorRT names used by the backends exist in the modules they are written for
 
 
+def _package_modules() -> list:
+    """Every module of kiln.backends.trt, the code both TensorRT backends share."""
+    return [importlib.import_module(f"{trt_package.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(trt_package.__path__)]
+
+
 def _trt_attribute_uses(*modules) -> set[tuple[str, ...]]:
     """Attribute chains read off a TensorRT module named `trt` (or `<x>.trt`): trt.A.B -> (A, B).
 
@@ -525,10 +537,10 @@ def _trt_attribute_uses(*modules) -> set[tuple[str, ...]]:
 
 
 def test_rtx_names_exist_in_tensorrt_rtx():
-    rtx = trt_common.import_trt("tensorrt-rtx")
+    rtx = importer.import_trt("tensorrt-rtx")
     if rtx is None:
         pytest.skip(NO_RTX)
-    missing = [".".join(u) for u in _trt_attribute_uses(trt_common, tensorrt_rtx)
+    missing = [".".join(u) for u in _trt_attribute_uses(*_package_modules(), tensorrt_rtx)
                if not hasattr(rtx, u[0]) or (len(u) == 2 and not hasattr(getattr(rtx, u[0]), u[1]))]
     assert missing == []
 
@@ -569,7 +581,7 @@ def test_tensorrt_names_exist_in_stubs():
         pytest.skip(f"{NO_TRT}: set KILN_TRT_STUBS to a folder holding tensorrt-stubs "
                     f"(pip install --no-deps --target DIR tensorrt-stubs) to check names against TensorRT 10")
     names = _stub_names(stub_dir)
-    missing = [".".join(u) for u in _trt_attribute_uses(trt_common, tensorrt)
+    missing = [".".join(u) for u in _trt_attribute_uses(*_package_modules(), tensorrt)
                if u[0] not in names or (len(u) == 2 and u[1] not in names[u[0]])]
     assert missing == []
 
@@ -579,12 +591,12 @@ def test_tensorrt_names_exist_in_stubs():
 
 
 def _host_device(backend: str) -> dict:
-    host = trt_common.detect_host()
+    host = detect_host()
     if not host.driver or not host.compute_capability:
         pytest.skip("this host has no GPU with a CUDA driver: engines cannot run here")
     if backend == "tensorrt":
         return {"backend": "tensorrt", "compute_capability": host.compute_capability,
-                "tensorrt": {"min": trt_common.mm_str(trt_common.major_minor(host.tensorrt))},
+                "tensorrt": {"min": importer.mm_str(importer.major_minor(host.tensorrt))},
                 "precisions": ["fp32"], "batch_sizes": [1, 4]}
     return {**RTX_DEVICE, "compute_capability": host.compute_capability}
 
@@ -597,7 +609,7 @@ def _reference(onnx_path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def test_tensorrt_build_and_run(onnx_models, tmp_path):
-    if trt_common.import_trt("tensorrt") is None:
+    if importer.import_trt("tensorrt") is None:
         pytest.skip(NO_TRT)
     device = device_of(_host_device("tensorrt"))
     engine = tmp_path / "engine.engine"

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from kiln import surgery, trt_ops
 from kiln.backends import tensorrt_rtx
-from kiln.backends import trt_common as common
+from kiln.backends.trt import importer, parser
 from kiln.config import load
 from kiln.errors import KilnError
 
@@ -56,7 +56,7 @@ def test_parser_max_opset_per_version():
     assert trt_ops.parser_max_opset("tensorrt", "8.4") is None  # before the table: unknown
     assert trt_ops.parser_max_opset("tensorrt-rtx", "1.7.1.116") == 25
     # The backends read the same table.
-    assert common.parser_max_opset("10.13.0.35") == 20 and common.PARSER_MAX_OPSET[(11, 0)] == 25
+    assert importer.parser_max_opset("10.13.0.35") == 20 and importer.PARSER_MAX_OPSET[(11, 0)] == 25
 
 
 @pytest.mark.parametrize("flavor, version, op, supported", [
@@ -235,8 +235,8 @@ def test_rewritten_graphs_parse_on_tensorrt_rtx(tmp_path):
     src = save(tmp_path, "mod", [helper.make_node("Mod", ["a", "k"], ["y"])], [a], [y], inits=[k])
     dst = tmp_path / "out.onnx"
     surgery.run_passes(src, dst, tmp_path / "r.json", ["replace_mod"])
-    ns = common.polygraphy_trt("tensorrt-rtx")
-    common.parse_onnx(ns, dst, strongly_typed=True)  # raises KilnError on a parser refusal
+    ns = importer.polygraphy_trt("tensorrt-rtx")
+    parser.parse_onnx(ns, dst, strongly_typed=True)  # raises KilnError on a parser refusal
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,9 +317,9 @@ def test_efficient_nms_graph_and_tensorrt_rtx_refusal(tmp_path):
     assert pytest.approx(attrs["score_threshold"]) == 0.25
     assert [o.name for o in m.graph.output] == list(surgery.NMS_OUTPUTS)
     if tensorrt_rtx.is_available():  # TensorRT-RTX has no plugin library: the table says so, the parser agrees
-        ns = common.polygraphy_trt("tensorrt-rtx")
+        ns = importer.polygraphy_trt("tensorrt-rtx")
         with pytest.raises(KilnError, match=r"EfficientNMS_TRT.*Plugin not found.*not supported by TensorRT-RTX"):
-            common.parse_onnx(ns, dst, strongly_typed=True)
+            parser.parse_onnx(ns, dst, strongly_typed=True)
 
 
 def test_nms_refuses_non_yolo_graphs(tmp_path):

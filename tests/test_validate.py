@@ -342,7 +342,7 @@ def test_trtexec_run_records_a_failing_tool(tmp_path):
 
 
 def test_bf16_and_fp8_host_conversions():
-    from kiln.backends.trt_common import from_storage, to_storage
+    from kiln.backends.trt.io import from_storage, to_storage
 
     x = np.array([0.0, 1.0, -2.5, 3.140625, 1e-3, np.nan], dtype=np.float32)
     bits = to_storage(x, "BF16")
@@ -361,7 +361,7 @@ def test_bf16_and_fp8_host_conversions():
 
 
 def _tensors():
-    from kiln.backends.trt_common import TensorInfo
+    from kiln.backends.trt.io import TensorInfo
 
     return [
         TensorInfo("images", True, "FLOAT", (-1, 3, 4, 4),
@@ -372,7 +372,7 @@ def _tensors():
 
 
 def test_profile_selection_and_max_batch():
-    from kiln.backends.trt_common import max_batch_of, select_profile
+    from kiln.backends.trt.io import max_batch_of, select_profile
 
     t = _tensors()
     assert select_profile(t, {"images": (2, 3, 4, 4), "sizes": (2, 2)}) == 0
@@ -387,7 +387,7 @@ def test_profile_selection_and_max_batch():
 
 
 def test_static_engine_inputs_get_a_fixed_profile():
-    from kiln.backends.trt_common import describe_io, select_profile
+    from kiln.backends.trt.io import describe_io, select_profile
 
     class Static(FakeEngine):
         num_optimization_profiles = 1
@@ -604,7 +604,7 @@ def _feeds(b):
 @pytest.mark.parametrize("refuse_capture", [False, True])
 def test_runner_shapes_profiles_dtypes_and_graphs(refuse_capture):
     """The runner's orchestration on a stand-in engine and CUDA runtime (host memory, real copies)."""
-    from kiln.backends.trt_common import TrtEngineRunner
+    from kiln.backends.trt.runner import TrtEngineRunner
 
     cudart = FakeCudart()
     engine = FakeEngine(cudart, refuse_capture)
@@ -636,7 +636,7 @@ def test_runner_shapes_profiles_dtypes_and_graphs(refuse_capture):
 
 
 def test_runner_without_graphs_enqueues_directly():
-    from kiln.backends.trt_common import TrtEngineRunner
+    from kiln.backends.trt.runner import TrtEngineRunner
 
     cudart = FakeCudart()
     runner = TrtEngineRunner.from_engine(FakeTrt, FakeEngine(cudart), cudart, cuda_graph=False)
@@ -651,7 +651,7 @@ def test_gpu_latency_sweeps_the_profile_and_runs_trtexec_alike(with_tool, tmp_pa
     from types import SimpleNamespace
 
     from kiln import validate as stage
-    from kiln.backends.trt_common import TrtEngineRunner
+    from kiln.backends.trt.runner import TrtEngineRunner
     from kiln.config import load
     from kiln.inputs import Inputs
     from tests.conftest import tiny_config
@@ -702,11 +702,12 @@ NO_GPU = "no GPU"
 
 
 def _gpu_or_skip(flavor: str):
-    from kiln.backends import trt_common
+    from kiln.backends.trt.host import detect_host
+    from kiln.backends.trt.importer import import_trt
 
-    if trt_common.import_trt(flavor) is None:
+    if import_trt(flavor) is None:
         pytest.skip(NO_TRT if flavor == "tensorrt" else "TensorRT-RTX is not installed")
-    host = trt_common.detect_host()
+    host = detect_host()
     if not host.driver or not host.compute_capability:
         pytest.skip(NO_GPU)
     return host
@@ -738,9 +739,9 @@ def test_trt_runner_on_gpu(flavor, tmp_path):
     dev = {"backend": flavor, "compute_capability": host.compute_capability, "precisions": ["fp32"],
            "batch_sizes": [1, 4], "models": ["yolo_demo"]}
     if flavor == "tensorrt":
-        from kiln.backends import trt_common
+        from kiln.backends.trt.importer import major_minor, mm_str
 
-        dev["tensorrt"] = {"min": trt_common.mm_str(trt_common.major_minor(host.tensorrt))}
+        dev["tensorrt"] = {"min": mm_str(major_minor(host.tensorrt))}
     raw["devices"] = {"dev": dev}
     device = load(raw, check_paths=False).devices["dev"]
     reason = backend.check_host(device)

@@ -12,7 +12,7 @@ How a precision becomes an engine depends on the device's TensorRT:
   strongly typed.
 
 Everything TensorRT and TensorRT-RTX share (Polygraphy build, profiles, builder options, timing
-cache, parser errors, layers.json, host guard) is in :mod:`kiln.backends.trt_common`.
+cache, parser errors, layers.json, host guard) is in the package :mod:`kiln.backends.trt`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from kiln.backends import trt_common as common
+from kiln.backends.trt import builder
+from kiln.backends.trt.host import HostInfo, detect_host, guard, timing_cache_key
+from kiln.backends.trt.importer import import_trt, major_minor, mm_str, parser_max_opset, trt_version
+from kiln.backends.trt.runner import TrtEngineRunner
 from kiln.errors import KilnError
 
 NAME = "tensorrt"
@@ -37,16 +40,16 @@ CALIBRATION_CACHE = "calibration.cache"
 
 
 def is_available() -> bool:
-    return common.import_trt(FLAVOR) is not None
+    return import_trt(FLAVOR) is not None
 
 
 def version() -> str | None:
-    return common.trt_version(FLAVOR)
+    return trt_version(FLAVOR)
 
 
 def _device_version(device) -> tuple[int, int] | None:
     """The device's TensorRT major.minor (its tensorrt.min; check_device keeps min and max on one side of 11)."""
-    return common.major_minor(getattr(device, "tensorrt_min", None))
+    return major_minor(getattr(device, "tensorrt_min", None))
 
 
 def check_device(device) -> list[str]:
@@ -60,10 +63,10 @@ def check_device(device) -> list[str]:
                         "e.g. tensorrt: {min: \"10.13\"}")
     if problems:
         return problems
-    cc = common.major_minor(device.compute_capability)
-    lo = common.major_minor(device.tensorrt_min)
-    hi = common.major_minor(device.tensorrt_max or device.tensorrt_min)
-    lo_s, hi_s = common.mm_str(lo), common.mm_str(hi)
+    cc = major_minor(device.compute_capability)
+    lo = major_minor(device.tensorrt_min)
+    hi = major_minor(device.tensorrt_max or device.tensorrt_min)
+    lo_s, hi_s = mm_str(lo), mm_str(hi)
     if lo > hi:
         return [f"'tensorrt.min' {lo_s} is above 'tensorrt.max' {hi_s}: swap them"]
     if lo < SUPPORTED[0] or hi > SUPPORTED[1]:
@@ -94,7 +97,7 @@ def check_device(device) -> list[str]:
         problems.append("'int8_mode: calibrator' needs the INT8 calibrator, which TensorRT 11 removed (strongly "
                         "typed networks only): use 'int8_mode: qdq' (ModelOpt's Q/DQ variant)")
 
-    max_opset = common.parser_max_opset(lo)
+    max_opset = parser_max_opset(lo)
     if max_opset is not None:
         if device.opset > max_opset:
             problems.append(f"'opset' {device.opset} is above what TensorRT {lo_s}'s ONNX parser supports "
@@ -125,7 +128,7 @@ def check_device(device) -> list[str]:
     return problems
 
 
-build_params = common.build_params
+build_params = builder.build_params
 
 
 def source_precision(precision: str, device=None) -> str:
@@ -145,7 +148,7 @@ def build_settings(precision: str, device, tensorrt_version: str) -> dict[str, A
 
     Pure (no TensorRT needed), so the decision is testable anywhere.
     """
-    v = common.major_minor(tensorrt_version)
+    v = major_minor(tensorrt_version)
     src = source_precision(precision, device)
     if v >= (11, 0):
         return {"source_precision": src, "strongly_typed": True, "precision_flags": {}, "calibrate": False}
@@ -160,7 +163,7 @@ def build_settings(precision: str, device, tensorrt_version: str) -> dict[str, A
     if precision in ("fp16", "best"):
         flags["fp16"] = True
     if precision == "bf16" or (precision == "best" and v >= (9, 0) and
-                               common.major_minor(device.compute_capability) >= (8, 0)):
+                               major_minor(device.compute_capability) >= (8, 0)):
         flags["bf16"] = True
     calibrate = (precision == "int8" and src == "fp32") or precision == "best"
     if calibrate:
@@ -220,20 +223,20 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
       dynamic H/W profiles).
     * ``timing_cache``: timing-cache file to load (when present) and update; or
     * ``cache_dir``: folder where ``timing-<key>.cache`` is kept, the key from
-      :func:`kiln.backends.trt_common.timing_cache_key` (GPU, CUDA and TensorRT versions).
+      :func:`kiln.backends.trt.host.timing_cache_key` (GPU, CUDA and TensorRT versions).
     * ``validation_batch_size``: the validation batch size, so the default profile covers it.
     * ``layers_json``: where layers.json goes (default beside the engine).
     """
-    trt = common.import_trt(FLAVOR)
+    trt = import_trt(FLAVOR)
     if trt is None:
         raise KilnError("TensorRT is not installed on this host")
     s = build_settings(precision, device, str(trt.__version__))
     timing = extra.get("timing_cache")
     if timing is None and extra.get("cache_dir"):
         # One timing cache per GPU/CUDA/TensorRT combination, shared by the device's builds.
-        key = common.timing_cache_key(common.detect_host(), str(trt.__version__))
+        key = timing_cache_key(detect_host(), str(trt.__version__))
         timing = Path(extra["cache_dir"]) / f"timing-{key}.cache"
-    return common.build_plan(
+    return builder.build_plan(
         FLAVOR,
         onnx_path,
         engine_path,
@@ -249,24 +252,24 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
     )
 
 
-def check_host(device, host: common.HostInfo | None = None) -> str | None:
+def check_host(device, host: HostInfo | None = None) -> str | None:
     """Why this host cannot run (or build) ``device``'s engines, or None when it is that device."""
     if host is None:
         if not is_available():
             return "TensorRT is not installed on this host"
-        host = common.detect_host()
+        host = detect_host()
     elif not host.tensorrt:
         return "TensorRT is not installed on this host"
-    return common.guard(device, host, runtime="TensorRT")
+    return guard(device, host, runtime="TensorRT")
 
 
-def check_build_host(device, host: common.HostInfo | None = None) -> str | None:
+def check_build_host(device, host: HostInfo | None = None) -> str | None:
     """TensorRT engines are built where they run: the same guard as check_host."""
     return check_host(device, host)
 
 
-def load_runner(engine_path: Path, device, threads: int = 0) -> common.TrtEngineRunner:
+def load_runner(engine_path: Path, device, threads: int = 0) -> TrtEngineRunner:
     reason = check_host(device)
     if reason:
         raise KilnError(f"cannot run '{engine_path}' here: {reason}")
-    return common.TrtEngineRunner(FLAVOR, Path(engine_path), device, threads)
+    return TrtEngineRunner(FLAVOR, Path(engine_path), device, threads)

@@ -10,14 +10,17 @@ compiling its kernels just in time. Running needs a CUDA driver and such a GPU; 
 does not run on compute capability 9.0 (Hopper).
 
 Shared machinery (Polygraphy build, profiles, parser errors, layers.json, host probe) is in
-:mod:`kiln.backends.trt_common`.
+the package :mod:`kiln.backends.trt`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.backends import trt_common as common
+from kiln.backends.trt import builder
+from kiln.backends.trt.host import BUILDING_ON_DEVICES, HostInfo, detect_host, guard
+from kiln.backends.trt.importer import import_trt, major_minor, mm_str, trt_version
+from kiln.backends.trt.runner import TrtEngineRunner
 from kiln.errors import KilnError
 
 NAME = "tensorrt-rtx"
@@ -35,16 +38,16 @@ HOPPER = "9.0"
 
 
 def is_available() -> bool:
-    return common.import_trt(FLAVOR) is not None
+    return import_trt(FLAVOR) is not None
 
 
 def version() -> str | None:
-    return common.trt_version(FLAVOR)
+    return trt_version(FLAVOR)
 
 
 def target_compute_capabilities(trt=None) -> tuple[str, ...]:
     """Compute capabilities the installed TensorRT-RTX can target (its ComputeCapability enum)."""
-    trt = trt or common.import_trt(FLAVOR)
+    trt = trt or import_trt(FLAVOR)
     if trt is None:
         return KNOWN_COMPUTE_CAPABILITIES
     out = []
@@ -68,14 +71,14 @@ def check_device(device) -> list[str]:
     elif cc not in KNOWN_COMPUTE_CAPABILITIES:
         problems.append(f"TensorRT-RTX cannot target compute capability {cc} (it targets "
                         f"{', '.join(KNOWN_COMPUTE_CAPABILITIES)}): fix 'compute_capability' or use backend 'tensorrt'")
-    have = common.major_minor(cc) if cc else None
+    have = major_minor(cc) if cc else None
     for p in device.precisions:
         if p == "best":
             problems.append("precision 'best' needs builder precision flags, which TensorRT-RTX does not have "
                             "(strongly typed networks only): use the fp16 and int8 precisions (variant ONNX)")
         need = PRECISION_MIN_CC.get(p)
         if need and have and have < need:
-            problems.append(f"precision '{p}' needs compute capability {common.mm_str(need)} or newer on "
+            problems.append(f"precision '{p}' needs compute capability {mm_str(need)} or newer on "
                             f"TensorRT-RTX; this device has {cc}: remove '{p}' from its precisions")
     if device.int8_mode == "calibrator":
         problems.append("'int8_mode: calibrator' is not available on TensorRT-RTX (strongly typed networks only): "
@@ -93,13 +96,13 @@ def check_device(device) -> list[str]:
         # Seen with 1.7.1.116: the build fails loading libnvinfer_lean.so.1, which TensorRT-RTX does not ship.
         problems.append("'version_compatible' is not available on TensorRT-RTX: set it to false")
     if device.tensorrt_min and device.tensorrt_max and \
-            common.major_minor(device.tensorrt_min) > common.major_minor(device.tensorrt_max):
+            major_minor(device.tensorrt_min) > major_minor(device.tensorrt_max):
         problems.append("'tensorrt.min' is above 'tensorrt.max' (for tensorrt-rtx these are TensorRT-RTX "
                         "versions): swap them")
     return problems
 
 
-build_params = common.build_params
+build_params = builder.build_params
 
 
 def source_precision(precision: str, device=None) -> str:
@@ -114,7 +117,7 @@ def _targets(device, trt) -> list[tuple[int, int]]:
     if cc not in target_compute_capabilities(trt):
         raise KilnError(f"TensorRT-RTX {trt.__version__} cannot target compute capability {cc} "
                         f"(it targets {', '.join(target_compute_capabilities(trt))})")
-    return [common.major_minor(cc)]
+    return [major_minor(cc)]
 
 
 def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0, **extra) -> dict:
@@ -126,12 +129,12 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
     engine). ``timing_cache`` is ignored: TensorRT-RTX documents that a timing cache has no effect
     on its engines (TensorRT-RTX 1.1 release notes), so none is kept.
     """
-    trt = common.import_trt(FLAVOR)
+    trt = import_trt(FLAVOR)
     if trt is None:
         raise KilnError(f"TensorRT-RTX is not installed on this host: {INSTALL_HINT}")
     if precision == "best" or device.int8_mode == "calibrator":
         raise KilnError("TensorRT-RTX builds strongly typed networks only: no 'best', no INT8 calibrator")
-    return common.build_plan(
+    return builder.build_plan(
         FLAVOR,
         onnx_path,
         engine_path,
@@ -152,7 +155,7 @@ def check_build_host(device) -> str | None:
     return None
 
 
-def check_host(device, host: common.HostInfo | None = None) -> str | None:
+def check_host(device, host: HostInfo | None = None) -> str | None:
     """Why this host cannot run ``device``'s engines, or None.
 
     Running needs TensorRT-RTX, a CUDA driver and a GPU of the device's compute capability
@@ -161,7 +164,7 @@ def check_host(device, host: common.HostInfo | None = None) -> str | None:
     if host is None:
         if not is_available():
             return f"TensorRT-RTX is not installed on this host: {INSTALL_HINT}"
-        host = common.detect_host()
+        host = detect_host()
     if not host.driver:
         return "TensorRT-RTX engines need a CUDA driver to run; this host has none"
     if not host.compute_capability:
@@ -169,12 +172,12 @@ def check_host(device, host: common.HostInfo | None = None) -> str | None:
     if host.compute_capability == HOPPER:
         return (f"TensorRT-RTX does not run on compute capability 9.0 (this host's {host.gpu or 'GPU'}): "
                 f"run device '{device.name}' on a GPU of compute capability {device.compute_capability} "
-                f"({common.BUILDING_ON_DEVICES})")
-    return common.guard(device, host, runtime="TensorRT-RTX")
+                f"({BUILDING_ON_DEVICES})")
+    return guard(device, host, runtime="TensorRT-RTX")
 
 
-def load_runner(engine_path: Path, device, threads: int = 0) -> common.TrtEngineRunner:
+def load_runner(engine_path: Path, device, threads: int = 0) -> TrtEngineRunner:
     reason = check_host(device)
     if reason:
         raise KilnError(f"cannot run '{engine_path}' here: {reason}")
-    return common.TrtEngineRunner(FLAVOR, Path(engine_path), device, threads)
+    return TrtEngineRunner(FLAVOR, Path(engine_path), device, threads)
