@@ -27,11 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def torch_device(cfg: KilnConfig, device: str) -> str:
-    """Where PyTorch runs for a device: CPU for ONNX Runtime's CPU provider, else the GPU."""
+    """Where PyTorch runs for a device: on its GPU, or the CPU for a CPU device (the backend says)."""
+    from kiln import backends
+
     d = cfg.devices[device]
-    if d.backend == "onnxruntime" and d.providers[0] == "CPUExecutionProvider":
-        return "cpu"
-    return "cuda"
+    return backends.get(d.backend).baseline_torch_device(d)
 
 
 def params(cfg: KilnConfig, device: str, model: str) -> dict:

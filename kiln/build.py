@@ -17,21 +17,7 @@ log = logging.getLogger(__name__)
 
 def params(cfg: KilnConfig, device: str) -> dict:
     """What shapes this device's engines, as plain values Snakemake tracks."""
-    d = cfg.devices[device]
-    backend = backends.get(d.backend)
-    return {
-        "backend": d.backend,
-        # Upgrading the backend on a host rebuilds that host's engines.
-        "backend_version": backend.version(),
-        "options": backend.build_params(d, cfg.validation["batch_size"]),
-    }
-
-
-def needs_calibration(cfg: KilnConfig, device: str, precision: str) -> bool:
-    """Whether this engine's build runs a calibrator (TensorRT < 11 int8 calibrator, best)."""
-    d = cfg.devices[device]
-    check = getattr(backends.get(d.backend), "needs_calibration", None)
-    return bool(check and check(precision, d))
+    return backends.engine_params(cfg.devices[device], cfg.validation["batch_size"])
 
 
 def build_engine(
@@ -55,8 +41,7 @@ def build_engine(
     reason = backend.check_build_host(d)
     if reason:
         raise KilnError(f"device '{device}' cannot build on host {platform.node()}: {reason}")
-    artifact = paths.fmt(paths.ENGINE_FILE, results=cfg.results, device=device, model=model,
-                         precision=precision, suffix=backend.ENGINE_SUFFIX)
+    artifact = paths.fmt(paths.ENGINE_FILE, results=cfg.results, device=device, model=model, precision=precision)
     engine = Path(engine_path or artifact)
     info = {
         "device": device, "model": model, "precision": precision, "backend": d.backend,

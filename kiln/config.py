@@ -204,6 +204,9 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
 
     devices = {}
     for name, d in data["devices"].items():
+        if d["backend"] not in backends.names():  # Kiln's own and those other packages register
+            raise KilnError(f"config: 'devices.{name}.backend' is {d['backend']!r}: use one of "
+                            f"{', '.join(backends.names())}")
         for m in d.get("models", []):
             if m not in models:
                 raise KilnError(
@@ -237,12 +240,9 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
         for problem in backend.check_device(device):
             raise KilnError(f"config: 'devices.{name}': {problem}")
         device = dataclasses.replace(device, variants={p: backend.source_precision(p, device) for p in device.precisions})
-        from kiln import trt_ops
-
-        if device.backend in trt_ops.LABELS:  # what the op table says this device's parser cannot build
-            for m in device.models:
-                for problem in trt_ops.model_problems(device.backend, device.tensorrt_min, models[m].nms):
-                    raise KilnError(f"config: 'devices.{name}' builds model '{m}', whose {problem}")
+        for m in device.models:  # what the backend's parser cannot build (its op table)
+            for problem in backend.model_problems(device, models[m]):
+                raise KilnError(f"config: 'devices.{name}' builds model '{m}', whose {problem}")
         for bs in device.batch_sizes:
             for m in device.models:
                 if bs > 1 and not models[m].dynamic_batch:

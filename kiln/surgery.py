@@ -1,7 +1,7 @@
 """Stage `surgery`: onnx-graphsurgeon passes chosen per model in config, plus those a device needs.
 
 The passes of a (model, opset) are the model's own ``surgery`` list, then every rewrite that a
-device building this model at this opset requires by Kiln's op table (:mod:`kiln.trt_ops`; e.g.
+device building this model at this opset requires by Kiln's op table (:mod:`kiln.backends.trt.ops`; e.g.
 ``decompose_layernorm`` for TensorRT 8.5, whose parser has no LayerNormalization), then, when the
 model asks for it, NMS appended to the graph (``nms: onnx`` or ``efficient``).
 
@@ -36,17 +36,13 @@ NMS_OUTPUTS = ("num_detections", "boxes", "scores", "classes")
 
 def device_passes(cfg, model: str, opset: int) -> dict[str, list[str]]:
     """Rewrites the devices building `model` at `opset` need by the op table: pass -> device names."""
-    from kiln import trt_ops
+    from kiln import backends
 
-    flavors = {"tensorrt": trt_ops.TENSORRT, "tensorrt-rtx": trt_ops.TENSORRT_RTX}
     out: dict[str, list[str]] = {}
     for d in cfg.devices.values():
-        if model not in d.models or d.opset != opset or d.backend not in flavors:
-            continue
-        # The oldest version the device may run decides: an engine must parse on all of its range.
-        version = d.tensorrt_min or trt_ops.OLDEST[flavors[d.backend]]
-        for name in trt_ops.required_passes(flavors[d.backend], version, opset):
-            out.setdefault(name, []).append(d.name)
+        if model in d.models and d.opset == opset:
+            for name in backends.get(d.backend).required_passes(d, opset):
+                out.setdefault(name, []).append(d.name)
     return out
 
 
@@ -108,7 +104,7 @@ def _cleanup(graph) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Rewrites for older parsers (kiln/trt_ops.py says which device needs which)
+# Rewrites for older parsers (the device's backend says which it needs: kiln/backends/trt/ops.py)
 
 
 def _const(name: str, value, dtype) -> object:

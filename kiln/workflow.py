@@ -1,15 +1,32 @@
-"""What the Snakefile needs from the package: the checked config and the list of targets."""
+"""What the Snakefile needs from the package: the checked config, the host plan and the targets.
+
+The host plan (:class:`Plan`) is computed once per Snakemake invocation (rules/common.smk holds
+it): which devices this host builds and runs, the ONNX variant every engine is built from, each
+job's code fingerprint and cluster resources. Rules read its answers; they decide nothing.
+"""
 
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 
-from kiln import backends, paths
+from kiln import backends, fingerprint, paths
 from kiln.config import KilnConfig, check_files_unique, load, read_yaml
 from kiln.errors import KilnError
+
+# Each rule's stage module: the one place a rule name leads to its code (README's module table).
+STAGES = {
+    "dataset": "kiln.dataset", "inputs": "kiln.inputs", "export": "kiln.export", "simplify": "kiln.simplify",
+    "surgery": "kiln.surgery", "precision": "kiln.precision", "quantize": "kiln.precision",
+    "reference": "kiln.reference", "build": "kiln.build", "baseline": "kiln.baseline",
+    "validate": "kiln.validate", "diagnose": "kiln.diagnose", "summary": "kiln.summary", "page": "kiln.report.page",
+}
+# Per-device rules, and the rule whose placement each shares on a cluster.
+DEVICE_RULES = {"build": "build", "validate": "validate", "baseline": "validate", "diagnose": "build"}
 
 
 def select_devices(config: dict, config_files: list[str]) -> dict:
@@ -122,9 +139,9 @@ def summary_records(cfg: KilnConfig, run: dict[str, str | None], build: dict[str
         if build[dev] is not None:
             continue
         d = cfg.devices[dev]
-        src = backends.get(d.backend).source_precision(p, d)
         out[paths.fmt(paths.SIMPLIFY_RECORD, results=cfg.results, model=m, opset=d.opset)] = None
-        out[paths.fmt(paths.VARIANT_RECORD, results=cfg.results, model=m, opset=d.opset, precision=src)] = None
+        out[paths.fmt(paths.VARIANT_RECORD, results=cfg.results, model=m, opset=d.opset,
+                      precision=d.variant_of(p))] = None
     return list(out)
 
 
@@ -148,15 +165,12 @@ def artifact_targets(cfg: KilnConfig) -> list[str]:
     """Everything device hosts build and validate from, for every device of the config: the ONNX
     variant each engine is built from, calibration inputs where a build calibrates, the fp32
     references, validation inputs and annotations (rule `artifacts`, on the build host)."""
-    from kiln import build
-
     out: dict[str, None] = {}
     R = cfg.results
     for dev, m, p in cfg.jobs():
         d = cfg.devices[dev]
-        src = backends.get(d.backend).source_precision(p, d)
-        out[paths.fmt(paths.VARIANT, results=R, model=m, opset=d.opset, precision=src)] = None
-        if build.needs_calibration(cfg, dev, p):
+        out[paths.fmt(paths.VARIANT, results=R, model=m, opset=d.opset, precision=d.variant_of(p))] = None
+        if backends.get(d.backend).needs_calibration(d, p):
             out[paths.fmt(paths.INPUTS, results=R, model=m, split="calib")] = None
         out[paths.fmt(paths.REFERENCE, results=R, model=m, opset=d.opset)] = None
         out[paths.fmt(paths.REFERENCE_RECORD, results=R, model=m, opset=d.opset)] = None
@@ -218,18 +232,15 @@ RULE_RESOURCES = {
 
 def on_device(cfg: KilnConfig, device: str, rule: str) -> bool:
     """Whether a job of `rule` for `device` must run on the device: validations always; builds
-    unless the backend builds ahead of time on any host (TensorRT-RTX)."""
-    return rule == "validate" or cfg.devices[device].backend != "tensorrt-rtx"
+    unless the backend builds ahead of time on any host."""
+    d = cfg.devices[device]
+    return rule == "validate" or backends.get(d.backend).builds_on_device(d)
 
 
 def needs_gpu(cfg: KilnConfig, device: str, rule: str) -> int:
-    """GPUs a job of `rule` for `device` needs: running engines does; TensorRT-RTX builds do not."""
+    """GPUs a job of `rule` for `device` needs (the backend says: running engines on a GPU does)."""
     d = cfg.devices[device]
-    if d.backend == "onnxruntime":
-        return int(rule == "validate" and d.providers[0] != "CPUExecutionProvider")
-    if d.backend == "tensorrt-rtx" and rule == "build":
-        return 0  # ahead-of-time: any host
-    return 1
+    return int(backends.get(d.backend).needs_gpu(d, rule))
 
 
 # `cluster.gres` naming GPUs, e.g. "gpu", "gpu:2", "gpu:h100:1".
@@ -354,3 +365,118 @@ def check_gathered(workflow, cfg: KilnConfig, run: dict[str, str | None], build:
 
             raise WorkflowError(message)
     return []
+
+
+# --------------------------------------------------------------------------- the host plan
+
+
+def job_modules(cfg: KilnConfig, rule: str, wildcards) -> tuple[str, ...]:
+    """The modules a job of `rule` runs beyond its stage's static imports: those registries import by name."""
+    w = dict(wildcards)
+    extra: list[str] = []
+    if rule == "dataset":
+        d = cfg.datasets[w["dataset"]]
+        if d.generator:
+            from kiln.dataset import GENERATORS
+
+            extra.append(GENERATORS[d.generator])
+    if rule in ("export", "baseline"):
+        from kiln.sources import ADAPTERS
+
+        extra.append(ADAPTERS[cfg.models[w["model"]].source])
+    if rule in DEVICE_RULES:
+        extra.append(backends.module_of(cfg.devices[w["device"]].backend))
+    return tuple(extra)
+
+
+@dataclass
+class Plan:
+    """What this Snakemake run makes, and where: computed once, read by every rule (rules/common.smk)."""
+
+    cfg: KilnConfig
+    run: dict  # run switches: gather, cluster (run_options)
+    host_can_build: dict[str, str | None]  # device -> why this host cannot build its engines (None: it can)
+    host_can_run: dict[str, str | None]  # device -> why this host cannot run them
+    default_partition: str | None = None  # the profile's default slurm_partition
+    _code: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def create(cls, config: dict, config_files: list[str], default_resources=None) -> Plan:
+        """The checked config and this host's answers; a mistake is one line and exit 1 (load_or_exit)."""
+        run = run_options_or_exit(config)
+        cfg = load_or_exit(config, config_files)
+        return cls(cfg, run, buildable(cfg), runnable(cfg), default_resource(default_resources, "slurm_partition"))
+
+    @functools.cached_property
+    def can_build(self) -> dict[str, str | None]:
+        """Which devices' engines this run makes: with gather=true or cluster=true, every device's
+        rows are made somewhere (other hosts' storage, the executor's nodes)."""
+        return everywhere(self.cfg) if self.run["gather"] or self.run["cluster"] else self.host_can_build
+
+    @functools.cached_property
+    def can_run(self) -> dict[str, str | None]:
+        return everywhere(self.cfg) if self.run["gather"] or self.run["cluster"] else self.host_can_run
+
+    @functools.cached_property
+    def build_here(self) -> str:
+        """The `device` wildcard of build jobs rules may make: with gather=true only this host's
+        devices (other hosts' outputs in storage are taken as they are), otherwise any."""
+        return device_pattern(self.host_can_build if self.run["gather"] else None)
+
+    @functools.cached_property
+    def run_here(self) -> str:
+        """Likewise for validations and baselines."""
+        if not self.run["gather"]:
+            return device_pattern(None)
+        return device_pattern({d: self.host_can_run[d] or self.host_can_build[d] for d in self.cfg.devices})
+
+    # ---------------------------------------------------------------- per job
+
+    def engine_source(self, device: str, model: str, precision: str) -> str:
+        """The precision-variant ONNX this engine is built from (the device's backend decided at load)."""
+        d = self.cfg.devices[device]
+        return paths.fmt(paths.VARIANT, results=self.cfg.results, model=model, opset=d.opset,
+                         precision=d.variant_of(precision))
+
+    def needs_calibration(self, device: str, precision: str) -> bool:
+        d = self.cfg.devices[device]
+        return backends.get(d.backend).needs_calibration(d, precision)
+
+    def code(self, rule: str):
+        """The `code` param of `rule`: its stage's fingerprint, per job where a registry adds modules."""
+        stage = STAGES[rule]
+        if rule not in ("dataset", "export", "baseline", *DEVICE_RULES):
+            return fingerprint.code_fingerprint(stage)
+
+        def job_code(w) -> str:
+            extra = job_modules(self.cfg, rule, w)
+            if extra not in self._code:
+                self._code[extra] = fingerprint.code_fingerprint(stage, *extra)
+            return self._code[extra]
+
+        return job_code
+
+    def resources(self, rule: str) -> dict:
+        """`resources:` of `rule`: memory and runtime; for per-device rules the GPU and cluster hints,
+        a constant where every device gives the same (Snakemake then calls nothing per job)."""
+        placed = DEVICE_RULES.get(rule, rule)
+        res: dict = {"mem_mb": RULE_RESOURCES[placed]["mem_mb"], "runtime": RULE_RESOURCES[placed]["runtime"]}
+        if rule not in DEVICE_RULES:
+            return res
+        per_device = {"gpu": {d: gpu_count(self.cfg, d, placed) for d in self.cfg.devices}}
+        for name, key in DEVICE_HINTS.items():
+            default = self.default_partition if key == "partition" else None
+            per_device[name] = {d: cluster_hint(self.cfg, d, placed, key, default) for d in self.cfg.devices}
+        for name, values in per_device.items():
+            distinct = set(values.values())
+            if distinct == {None}:
+                continue  # unset for every device: Snakemake's defaults apply
+            if len(distinct) == 1:
+                res[name] = distinct.pop()
+            else:
+                res[name] = lambda w, values=values: values[w.device]
+        return res
+
+    def threads(self, device: str) -> int:
+        """Threads of a device's timed jobs: its own setting, else every core Snakemake has."""
+        return self.cfg.devices[device].threads or 1024

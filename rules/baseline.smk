@@ -1,5 +1,4 @@
 # The same checkpoint in PyTorch eager on each device this host validates, timed like its engines.
-from kiln import baseline as kiln_baseline
 
 
 rule baseline:
@@ -10,17 +9,17 @@ rule baseline:
     output:
         P(paths.BASELINE),
     wildcard_constraints:
-        device=RUN_HERE,  # gather=true: only this host's devices (rules/common.smk)
+        device=PLAN.run_here,  # gather=true: only this host's devices (kiln/workflow.py Plan)
     log:
         LOG("baseline", "{device}_{model}"),
     params:
         spec=lambda w: kiln_baseline.params(KILN, w.device, w.model),
-        code=code("kiln.baseline"),
+        code=PLAN.code("baseline"),
     # Timed like validation: alone on the host, so ask for every core Snakemake has.
-    threads: lambda w: KILN.devices[w.device].threads or 1024
+    threads: lambda w: PLAN.threads(w.device)
     resources:
-        # Placed on the device's nodes from its `cluster:` hints (kiln/workflow.py device_resources).
-        **kiln_workflow.device_resources(KILN, "baseline", DEFAULT_PARTITION, like="validate"),
+        # Placed on the device\'s nodes from its `cluster:` hints (kiln/workflow.py Plan.resources).
+        **PLAN.resources("baseline"),
     conda:
         "../envs/kiln.yaml"
     script:

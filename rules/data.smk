@@ -10,11 +10,10 @@ rule dataset:
         LOG("dataset", "{dataset}_{split}"),
     params:
         spec=lambda w: kiln_dataset.params(KILN, w.dataset, w.split),
-        code=code("kiln.dataset"),
+        code=PLAN.code("dataset"),
     threads: 1
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["dataset"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["dataset"]["runtime"],
+        **PLAN.resources("dataset"),
     conda:
         "../envs/kiln.yaml"
     script:
@@ -31,11 +30,10 @@ rule inputs:
         LOG("inputs", "{model}_{split}"),
     params:
         spec=lambda w: kiln_inputs.params(KILN, w.model, w.split),
-        code=code("kiln.inputs"),
+        code=PLAN.code("inputs"),
     threads: 1
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["inputs"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["inputs"]["runtime"],
+        **PLAN.resources("inputs"),
     conda:
         "../envs/kiln.yaml"
     script:

@@ -1,9 +1,5 @@
 # A failed TensorRT / TensorRT-RTX build reduced to its smallest failing subgraph (kiln/diagnose.py).
 # Built engines give {"status": "not needed"} at once; the summary's `diagnosis` column reads these.
-from kiln import diagnose as kiln_diagnose
-
-# One diagnosis per job of a TensorRT-flavoured device this run builds (summary and `engines` inputs).
-diagnosis_targets = lambda: kiln_diagnose.targets(KILN, CAN_BUILD)
 
 
 rule diagnose:
@@ -13,16 +9,16 @@ rule diagnose:
     output:
         P(paths.DIAGNOSIS),
     wildcard_constraints:
-        device=BUILD_HERE,  # gather=true: only this host's devices (rules/common.smk)
+        device=PLAN.build_here,  # gather=true: only this host's devices (kiln/workflow.py Plan)
     log:
         LOG("diagnose", "{device}_{model}_{precision}"),
     params:
         spec=lambda w: kiln_diagnose.params(KILN, w.device, w.model, w.precision),
-        code=device_code("kiln.diagnose"),
+        code=PLAN.code("diagnose"),
     threads: 2
     resources:
-        # Placed on the device's nodes from its `cluster:` hints (kiln/workflow.py device_resources).
-        **kiln_workflow.device_resources(KILN, "diagnose", DEFAULT_PARTITION, like="build"),
+        # Placed on the device\'s nodes from its `cluster:` hints (kiln/workflow.py Plan.resources).
+        **PLAN.resources("diagnose"),
     conda:
         "../envs/kiln.yaml"
     script:

@@ -13,11 +13,10 @@ rule reference:
         LOG("reference", "{model}_opset{opset}"),
     params:
         spec=lambda w: kiln_reference.params(KILN, w.model),
-        code=code("kiln.reference"),
+        code=PLAN.code("reference"),
     threads: 2
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["reference"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["reference"]["runtime"],
+        **PLAN.resources("reference"),
     conda:
         "../envs/kiln.yaml"
     script:
@@ -29,7 +28,7 @@ rule build:
         onnx=engine_source,
         calib=lambda w: (
             [P(paths.INPUTS, model=w.model, split="calib")]
-            if kiln_build.needs_calibration(KILN, w.device, w.precision)
+            if PLAN.needs_calibration(w.device, w.precision)
             else []
         ),
     output:
@@ -37,16 +36,16 @@ rule build:
         # Declared, so it goes to storage with its record (README: Building on devices).
         engine=P(paths.ENGINE_FILE),
     wildcard_constraints:
-        device=BUILD_HERE,  # gather=true: only this host's devices (rules/common.smk)
+        device=PLAN.build_here,  # gather=true: only this host's devices (kiln/workflow.py Plan)
     log:
         LOG("build", "{device}_{model}_{precision}"),
     params:
         spec=lambda w: kiln_build.params(KILN, w.device),
-        code=device_code("kiln.build"),
+        code=PLAN.code("build"),
     threads: 2
     resources:
-        # Placed on the device's nodes from its `cluster:` hints (kiln/workflow.py device_resources).
-        **kiln_workflow.device_resources(KILN, "build", DEFAULT_PARTITION),
+        # Placed on the device\'s nodes from its `cluster:` hints (kiln/workflow.py Plan.resources).
+        **PLAN.resources("build"),
     retries: 1
     conda:
         "../envs/kiln.yaml"
@@ -67,17 +66,17 @@ rule validate:
     output:
         P(paths.VALIDATION),
     wildcard_constraints:
-        device=RUN_HERE,  # gather=true: only this host's devices (rules/common.smk)
+        device=PLAN.run_here,  # gather=true: only this host's devices (kiln/workflow.py Plan)
     log:
         LOG("validate", "{device}_{model}_{precision}"),
     params:
         spec=lambda w: kiln_validate.params(KILN, w.device, w.model, w.precision),
-        code=device_code("kiln.validate"),
+        code=PLAN.code("validate"),
     # Latency is measured with the host to itself: ask for every core Snakemake has.
-    threads: lambda w: KILN.devices[w.device].threads or 1024
+    threads: lambda w: PLAN.threads(w.device)
     resources:
-        # Placed on the device's nodes from its `cluster:` hints (kiln/workflow.py device_resources).
-        **kiln_workflow.device_resources(KILN, "validate", DEFAULT_PARTITION),
+        # Placed on the device\'s nodes from its `cluster:` hints (kiln/workflow.py Plan.resources).
+        **PLAN.resources("validate"),
     conda:
         "../envs/kiln.yaml"
     script:

@@ -18,9 +18,9 @@ rule engines:
     """This host's engines and validations (the devices it can build and run), and the diagnoses of
     its TensorRT builds (rules/diagnose.smk), without the summary."""
     input:
-        kiln_workflow.validation_targets(KILN, HOST_CAN_RUN, HOST_CAN_BUILD),
-        kiln_workflow.build_only_targets(KILN, HOST_CAN_RUN, HOST_CAN_BUILD),
-        lambda w: diagnosis_targets() if not (RUN["gather"] or RUN["cluster"]) else [],
+        kiln_workflow.validation_targets(KILN, PLAN.host_can_run, PLAN.host_can_build),
+        kiln_workflow.build_only_targets(KILN, PLAN.host_can_run, PLAN.host_can_build),
+        lambda w: diagnosis_targets() if not (PLAN.run["gather"] or PLAN.run["cluster"]) else [],
 
 
 localrules:

@@ -11,11 +11,10 @@ rule export:
         LOG("export", "{model}_opset{opset}"),
     params:
         spec=lambda w: kiln_export.params(KILN, w.model),
-        code=code("kiln.export"),
+        code=PLAN.code("export"),
     threads: 1
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["export"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["export"]["runtime"],
+        **PLAN.resources("export"),
     conda:
         "../envs/kiln.yaml"
     script:
@@ -32,11 +31,10 @@ rule simplify:
         LOG("simplify", "{model}_opset{opset}"),
     params:
         spec=lambda w: kiln_simplify.params(KILN, w.model),
-        code=code("kiln.simplify"),
+        code=PLAN.code("simplify"),
     threads: 1
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["simplify"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["simplify"]["runtime"],
+        **PLAN.resources("simplify"),
     conda:
         "../envs/kiln.yaml"
     script:
@@ -53,11 +51,10 @@ rule surgery:
         LOG("surgery", "{model}_opset{opset}"),
     params:
         spec=lambda w: kiln_surgery.params(KILN, w.model, int(w.opset)),
-        code=code("kiln.surgery"),
+        code=PLAN.code("surgery"),
     threads: 1
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["surgery"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["surgery"]["runtime"],
+        **PLAN.resources("surgery"),
     conda:
         "../envs/kiln.yaml"
     script:

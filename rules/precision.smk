@@ -11,13 +11,12 @@ rule precision:
         LOG("precision", "{model}_opset{opset}_{precision}"),
     params:
         spec=lambda w: kiln_precision.params(KILN, w.model, w.precision),
-        code=code("kiln.precision"),
+        code=PLAN.code("precision"),
     wildcard_constraints:
         precision="fp32|fp16|bf16",
     threads: 1
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["precision"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["precision"]["runtime"],
+        **PLAN.resources("precision"),
     conda:
         "../envs/kiln.yaml"
     script:
@@ -37,13 +36,12 @@ rule quantize:
         LOG("quantize", "{model}_opset{opset}_{precision}"),
     params:
         spec=lambda w: kiln_precision.params(KILN, w.model, w.precision),
-        code=code("kiln.precision"),
+        code=PLAN.code("quantize"),
     wildcard_constraints:
         precision="int8|fp8",
     threads: 2
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["quantize"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["quantize"]["runtime"],
+        **PLAN.resources("quantize"),
     conda:
         "../envs/kiln.yaml"
     script:

@@ -4,10 +4,10 @@
 
 rule summary:
     input:
-        validations=kiln_workflow.validation_targets(KILN, CAN_RUN, CAN_BUILD),
-        built_only=kiln_workflow.build_only_targets(KILN, CAN_RUN, CAN_BUILD),
+        validations=kiln_workflow.validation_targets(KILN, PLAN.can_run, PLAN.can_build),
+        built_only=kiln_workflow.build_only_targets(KILN, PLAN.can_run, PLAN.can_build),
         # The simplify and variant records its rows quote: inputs, so they come from storage too.
-        records=kiln_workflow.summary_records(KILN, CAN_RUN, CAN_BUILD),
+        records=kiln_workflow.summary_records(KILN, PLAN.can_run, PLAN.can_build),
         diagnoses=diagnosis_targets(),  # failed TensorRT builds reduced (rules/diagnose.smk)
         gathered=gathered,  # no files: gather=true checks storage first (rules/common.smk)
     # On the host that runs Snakemake: its params say what this host can do.
@@ -19,13 +19,12 @@ rule summary:
     log:
         LOG("summary", "summary"),
     params:
-        cannot_build={d: r for d, r in CAN_BUILD.items() if r},
-        cannot_run={d: r for d, r in CAN_RUN.items() if r},
-        code=code("kiln.summary"),
+        cannot_build={d: r for d, r in PLAN.can_build.items() if r},
+        cannot_run={d: r for d, r in PLAN.can_run.items() if r},
+        code=PLAN.code("summary"),
     threads: 1
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["summary"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["summary"]["runtime"],
+        **PLAN.resources("summary"),
     conda:
         "../envs/kiln.yaml"
     script:
@@ -35,9 +34,9 @@ rule summary:
 rule page:
     input:
         summary=P(paths.SUMMARY_JSON),
-        validations=kiln_workflow.validation_targets(KILN, CAN_RUN, CAN_BUILD),
+        validations=kiln_workflow.validation_targets(KILN, PLAN.can_run, PLAN.can_build),
         # Every engine record the summary's rows stand for (their build metadata is on the page).
-        engines=[P(paths.ENGINE_RECORD, device=d, model=m, precision=p) for d, m, p in KILN.jobs() if CAN_BUILD[d] is None],
+        engines=[P(paths.ENGINE_RECORD, device=d, model=m, precision=p) for d, m, p in KILN.jobs() if PLAN.can_build[d] is None],
     # Beside the summary, on the host that runs Snakemake.
     localrule: True
     output:
@@ -62,11 +61,10 @@ rule page:
     log:
         LOG("page", "page"),
     params:
-        code=code("kiln.report.page"),
+        code=PLAN.code("page"),
     threads: 1
     resources:
-        mem_mb=kiln_workflow.RULE_RESOURCES["page"]["mem_mb"],
-        runtime=kiln_workflow.RULE_RESOURCES["page"]["runtime"],
+        **PLAN.resources("page"),
     conda:
         "../envs/kiln.yaml"
     script:

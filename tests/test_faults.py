@@ -23,7 +23,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kiln import diagnose, precision
+from kiln import precision
+from kiln.backends.trt import diagnose
 from kiln.config import load
 from kiln.util import disk_error
 from tests.conftest import REPO, tiny_config

@@ -209,7 +209,7 @@ def test_rtx_parse_failure_is_a_recorded_build_failure(bad_onnx, tmp_path, monke
     assert "fancy_node" in info["reason"] and "FancyOp" in info["reason"]
     assert json.loads(record.read_text())["reason"] == info["reason"]
     engine = Path(paths.fmt(paths.ENGINE_FILE, results=cfg.results, device="rtx", model="yolo_demo",
-                            precision="fp32", suffix=tensorrt_rtx.ENGINE_SUFFIX))
+                            precision="fp32"))
     assert not engine.exists()
     assert list(engine.parent.iterdir()) == []
 

@@ -1,4 +1,4 @@
-"""The per-TensorRT op table (kiln/trt_ops.py) and the surgery passes it calls for: numerically neutral.
+"""The per-TensorRT op table (kiln/backends/trt/ops.py) and the surgery passes it calls for: numerically neutral.
 
 Each rewrite is checked by running the graph in ONNX Runtime before and after. What TensorRT
 8.5/8.6/10/11 would say is the table's (their parsers are not installable here); what TensorRT-RTX
@@ -16,9 +16,10 @@ import pytest
 from conftest import tiny_config
 from onnx import TensorProto, helper
 
-from kiln import surgery, trt_ops
+from kiln import surgery
 from kiln.backends import tensorrt_rtx
 from kiln.backends.trt import importer, parser
+from kiln.backends.trt import ops as trt_ops
 from kiln.config import load
 from kiln.errors import KilnError
 

@@ -66,7 +66,7 @@ def raw_config(root: Path, **model_extra) -> dict:
         "cpu": {"backend": "onnxruntime", "opset": 17, "precisions": ["fp32", "fp16", "int8"], "batch_sizes": [1]},
         "rtx": {"backend": "tensorrt-rtx", "compute_capability": "8.9", "opset": 17, "precisions": ["fp32", "fp16", "int8"],
                 "builder_optimization_level": 0, "batch_sizes": [1]},
-        # A Jetson on TensorRT 8.5 at the same opset: its parser has no LayerNormalization (kiln/trt_ops.py).
+        # A Jetson on TensorRT 8.5 at the same opset: its parser has no LayerNormalization (kiln/backends/trt/ops.py).
         "orin": {"backend": "tensorrt", "compute_capability": "8.7", "tensorrt": {"min": "8.5"}, "jetson": True,
                  "opset": 17, "precisions": ["fp16"], "int8_mode": "calibrator"},
     }

@@ -67,10 +67,8 @@ class Backend(ABC):
 
     name: ClassVar[str]  # the registry key, as configs name it
     label: ClassVar[str]  # for messages: "ONNX Runtime", "TensorRT"
-    engine_file: ClassVar[str]  # the engine's file name in its folder (model.engine, model.onnx)
-    # The op table's flavor (kiln.trt_ops) that this backend's ONNX parser is checked against: surgery
-    # passes, config-time op checks and diagnosis of failed builds use it. None: no parser to check.
-    parser_flavor: ClassVar[str | None] = None
+    # Whether a failed build is reduced to its smallest failing subgraph (stage diagnose).
+    diagnoses: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ availability
 
@@ -99,6 +97,14 @@ class Backend(ABC):
     def strongly_typed(self, device) -> bool:
         """Whether every tensor type comes from the ONNX (True) or from builder flags (False)."""
         return True
+
+    def model_problems(self, device, model) -> list[str]:
+        """Config-time problems of building `model` (a ModelSpec) for `device`: ops its parser cannot take."""
+        return []
+
+    def required_passes(self, device, opset: int) -> list[str]:
+        """Surgery passes (kiln.surgery) the device's parser needs on a graph of `opset`."""
+        return []
 
     # ------------------------------------------------------------------ this host
 
@@ -136,6 +142,10 @@ class Backend(ABC):
     @abstractmethod
     def load_runner(self, engine_path: Path, device, threads: int = 0) -> Runner:
         """The engine at ``engine_path``, loaded for inference."""
+
+    def diagnose(self, onnx_path: Path, device, precision: str, out: Path, spec=None) -> dict[str, Any]:
+        """Reduce a model this backend refuses to its smallest failing subgraph; write `out` (when ``diagnoses``)."""
+        raise NotImplementedError(f"backend '{self.name}' does not diagnose failed builds")
 
     def latency_tool(self, runner: Runner, shapes: dict[str, list[int]], settings: Any) -> dict[str, Any] | None:
         """The backend's own latency tool on the same engine and shapes (trtexec), or None when it has none."""

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.backends.base import Backend, Runner
 from kiln.errors import KilnError
 
 NAME = "onnxruntime"
-ENGINE_SUFFIX = ".onnx"
 
 # Providers Kiln's backend drives. What each runs (fp16, bf16, int8, fp8) is asked of the runtime on
 # this host (kiln.backends.ort_capabilities), not tabled: a new onnxruntime release can add kernels.
@@ -148,7 +148,7 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
     }
 
 
-class OrtRunner:
+class OrtRunner(Runner):
     """An ONNX Runtime session behind the Runner protocol.
 
     For an engine (`build`'s saved model, already optimized) the graph is taken as it is. With
@@ -173,6 +173,52 @@ class OrtRunner:
         outs = self.session.run(list(self.output_names), feeds)
         return dict(zip(self.output_names, outs))
 
+    def max_batch(self) -> int | None:
+        """The fixed batch of the first input, or None where the batch is dynamic."""
+        dim = self.session.get_inputs()[0].shape[0]
+        return dim if isinstance(dim, int) else None
+
+    def describe(self) -> dict:
+        return {"providers": self.session.get_providers()}
+
+    def close(self) -> None:
+        self.session = None
+
 
 def load_runner(engine_path: Path, device, threads: int = 0) -> OrtRunner:
     return OrtRunner(engine_path, device, threads)
+
+
+class OnnxRuntime(Backend):
+    """ONNX Runtime: the "engine" is the session-optimized model; CPU provider, or CUDA with onnxruntime-gpu."""
+
+    name = NAME
+    label = "ONNX Runtime"
+
+    def is_available(self) -> bool:
+        return is_available()
+
+    def version(self) -> str | None:
+        return version()
+
+    def check_device(self, device) -> list[str]:
+        return check_device(device)
+
+    def check_host(self, device) -> str | None:
+        return check_host(device)
+
+    def check_build_host(self, device) -> str | None:
+        return check_build_host(device)
+
+    def needs_gpu(self, device, rule: str) -> bool:
+        """A GPU provider's jobs need its GPU (the optimized model is provider-specific); the CPU's none."""
+        return device.providers[0] != "CPUExecutionProvider"
+
+    def build_params(self, device, validation_batch_size: int) -> dict:
+        return build_params(device, validation_batch_size)
+
+    def build(self, onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0, **extra) -> dict:
+        return build(onnx_path, engine_path, device, precision, threads, **extra)
+
+    def load_runner(self, engine_path: Path, device, threads: int = 0) -> OrtRunner:
+        return load_runner(engine_path, device, threads)

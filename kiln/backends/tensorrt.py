@@ -22,13 +22,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from kiln.backends.trt import builder
+from kiln.backends.trt.backend import TrtBackend
 from kiln.backends.trt.host import HostInfo, detect_host, guard, timing_cache_key
 from kiln.backends.trt.importer import import_trt, major_minor, mm_str, parser_max_opset, trt_version
 from kiln.backends.trt.runner import TrtEngineRunner
 from kiln.errors import KilnError
 
 NAME = "tensorrt"
-ENGINE_SUFFIX = ".engine"
 FLAVOR = "tensorrt"
 
 # The range of TensorRT releases this backend is written for.
@@ -273,3 +273,42 @@ def load_runner(engine_path: Path, device, threads: int = 0) -> TrtEngineRunner:
     if reason:
         raise KilnError(f"cannot run '{engine_path}' here: {reason}")
     return TrtEngineRunner(FLAVOR, Path(engine_path), device, threads)
+
+
+class TensorRT(TrtBackend):
+    """TensorRT 8.5 to 11.x: engines built and run on the device; builder flags and calibrators before 11."""
+
+    name = NAME
+    label = "TensorRT"
+    parser_flavor = FLAVOR
+
+    def is_available(self) -> bool:
+        return is_available()
+
+    def version(self) -> str | None:
+        return version()
+
+    def check_device(self, device) -> list[str]:
+        return check_device(device)
+
+    def source_precision(self, precision: str, device) -> str:
+        return source_precision(precision, device)
+
+    def needs_calibration(self, device, precision: str) -> bool:
+        return needs_calibration(precision, device)
+
+    def strongly_typed(self, device) -> bool:
+        v = _device_version(device)
+        return v is None or v >= (11, 0)
+
+    def check_host(self, device) -> str | None:
+        return check_host(device)
+
+    def check_build_host(self, device) -> str | None:
+        return check_build_host(device)
+
+    def build(self, onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0, **extra) -> dict:
+        return build(onnx_path, engine_path, device, precision, threads, **extra)
+
+    def load_runner(self, engine_path: Path, device, threads: int = 0) -> TrtEngineRunner:
+        return load_runner(engine_path, device, threads)

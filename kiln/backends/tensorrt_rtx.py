@@ -18,13 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.backends.trt import builder
+from kiln.backends.trt.backend import TrtBackend
 from kiln.backends.trt.host import BUILDING_ON_DEVICES, HostInfo, detect_host, guard
 from kiln.backends.trt.importer import import_trt, major_minor, mm_str, trt_version
 from kiln.backends.trt.runner import TrtEngineRunner
 from kiln.errors import KilnError
 
 NAME = "tensorrt-rtx"
-ENGINE_SUFFIX = ".engine"
 FLAVOR = "tensorrt-rtx"
 INSTALL_HINT = "pip install tensorrt-rtx-cu13 (or tensorrt-rtx-cu12 for a CUDA 12 driver)"
 
@@ -148,8 +148,8 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
     )
 
 
-def check_build_host(device) -> str | None:
-    """Any host with TensorRT-RTX installed builds (ahead of time, GPU or not)."""
+def check_build_host(device, host: HostInfo | None = None) -> str | None:
+    """Any host with TensorRT-RTX installed builds (ahead of time, GPU or not): `host` does not matter."""
     if not is_available():
         return f"TensorRT-RTX is not installed on this host: {INSTALL_HINT}"
     return None
@@ -181,3 +181,38 @@ def load_runner(engine_path: Path, device, threads: int = 0) -> TrtEngineRunner:
     if reason:
         raise KilnError(f"cannot run '{engine_path}' here: {reason}")
     return TrtEngineRunner(FLAVOR, Path(engine_path), device, threads)
+
+
+class TensorRTRTX(TrtBackend):
+    """TensorRT-RTX: strongly typed engines compiled ahead of time on any host, run on RTX-class GPUs."""
+
+    name = NAME
+    label = "TensorRT-RTX"
+    parser_flavor = FLAVOR
+
+    def is_available(self) -> bool:
+        return is_available()
+
+    def version(self) -> str | None:
+        return version()
+
+    def check_device(self, device) -> list[str]:
+        return check_device(device)
+
+    def check_host(self, device) -> str | None:
+        return check_host(device)
+
+    def check_build_host(self, device) -> str | None:
+        return check_build_host(device)
+
+    def builds_on_device(self, device) -> bool:
+        return False  # ahead of time, on any host
+
+    def needs_gpu(self, device, rule: str) -> bool:
+        return rule != "build"  # the ahead-of-time build needs none; running the engines does
+
+    def build(self, onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0, **extra) -> dict:
+        return build(onnx_path, engine_path, device, precision, threads, **extra)
+
+    def load_runner(self, engine_path: Path, device, threads: int = 0) -> TrtEngineRunner:
+        return load_runner(engine_path, device, threads)

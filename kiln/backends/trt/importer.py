@@ -17,14 +17,14 @@ import sys
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 
-from kiln import trt_ops
+from kiln.backends.trt import ops as trt_ops
 from kiln.errors import KilnError
 
 FLAVORS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-# What each flavor is called in messages; kiln/trt_ops.py, below this package, holds the one table.
+# What each flavor is called in messages; kiln/backends/trt/ops.py, below this package, holds the one table.
 LABELS = trt_ops.LABELS
 
-# Highest ONNX opset each TensorRT release's ONNX parser documents: kiln/trt_ops.py holds the table
+# Highest ONNX opset each TensorRT release's ONNX parser documents: kiln/backends/trt/ops.py holds the table
 # (with its sources) for TensorRT and TensorRT-RTX, and the ops each version lacks.
 PARSER_MAX_OPSET: dict[tuple[int, int], int] = trt_ops.PARSER_MAX_OPSET[trt_ops.TENSORRT]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from kiln import trt_ops
+from kiln.backends.trt import ops as trt_ops
 from kiln.backends.trt.importer import LABELS
 from kiln.errors import KilnError
 
@@ -67,7 +67,7 @@ def parse_onnx(ns: SimpleNamespace, onnx_path: Path, strongly_typed: bool) -> tu
 
 
 def parse_hints(flavor: str, version: str, parser: Any, proto: Any) -> str:
-    """Kiln's op table's advice (kiln/trt_ops.py) for the failing nodes it knows, '; '-joined ('' if none)."""
+    """Kiln's op table's advice (kiln/backends/trt/ops.py) for the failing nodes it knows, '; '-joined ('' if none)."""
     nodes = list(proto.graph.node)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     out: dict[str, None] = {}

@@ -1,0 +1,35 @@
+"""What the TensorRT and TensorRT-RTX backends answer alike: build settings, the op table, diagnosis, trtexec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln.backends.base import Backend
+from kiln.backends.trt import builder
+from kiln.backends.trt import ops as trt_ops
+
+
+class TrtBackend(Backend):
+    """A TensorRT flavor (``parser_flavor``: a key of kiln.backends.trt.ops' table)."""
+
+    parser_flavor: str
+    diagnoses = True
+
+    def parser_version(self, device) -> str | tuple[int, int]:
+        """The oldest version the device may run: an engine must parse on all of its range."""
+        return device.tensorrt_min or trt_ops.OLDEST[self.parser_flavor]
+
+    def build_params(self, device, validation_batch_size: int) -> dict[str, Any]:
+        return builder.build_params(device, validation_batch_size)
+
+    def model_problems(self, device, model) -> list[str]:
+        return trt_ops.model_problems(self.parser_flavor, device.tensorrt_min, model.nms)
+
+    def required_passes(self, device, opset: int) -> list[str]:
+        return trt_ops.required_passes(self.parser_flavor, self.parser_version(device), opset)
+
+    def diagnose(self, onnx_path: Path, device, precision: str, out: Path, spec=None) -> dict[str, Any]:
+        from kiln.backends.trt import diagnose
+
+        return diagnose.diagnose(onnx_path, device, precision, out, spec=spec)
