@@ -38,3 +38,7 @@ def script(smk) -> Iterator:
         logging.getLogger("kiln").error("%s", err)
         print(f"kiln: {err}", file=sys.stderr)
         sys.exit(1)
+    except Exception:
+        # A bug or a tool's own failure: its traceback goes to the rule's log too, which is otherwise empty.
+        logging.getLogger("kiln").exception("unexpected error in rule %s", smk.rule)
+        sys.exit(1)

@@ -67,6 +67,13 @@ def gathered(wildcards):
     return kiln_workflow.check_gathered(workflow, KILN, HOST_CAN_RUN, HOST_CAN_BUILD) if RUN["gather"] else []
 
 
+def made_here_targets():
+    """Engines and validations this run makes (gather=true: of this host's devices), also targets of `all`."""
+    if RUN["gather"]:
+        return kiln_workflow.made_here_targets(KILN, HOST_CAN_RUN, HOST_CAN_BUILD)
+    return kiln_workflow.made_here_targets(KILN, CAN_RUN, CAN_BUILD)
+
+
 def summary_targets():
     return [P(paths.SUMMARY_JSON), P(paths.SUMMARY_CSV), P(paths.SUMMARY_MD)]
 

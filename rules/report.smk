@@ -1,5 +1,6 @@
 # The run's summary (one row per model x device x precision) and Kiln's comparison page.
 # Outputs marked report() go into `snakemake --report`: captions in report/, one category per model.
+from kiln import summary as kiln_summary
 
 
 rule summary:
@@ -8,6 +9,8 @@ rule summary:
         built_only=kiln_workflow.build_only_targets(KILN, CAN_RUN, CAN_BUILD),
         # The simplify and variant records its rows quote: inputs, so they come from storage too.
         records=kiln_workflow.summary_records(KILN, CAN_RUN, CAN_BUILD),
+        # Every row is checked against its engine's record: a validation of another engine is stale.
+        engines=kiln_workflow.engine_records(KILN, CAN_BUILD),
         diagnoses=diagnosis_targets(),  # failed TensorRT builds reduced (rules/diagnose.smk)
         gathered=gathered,  # no files: gather=true checks storage first (rules/common.smk)
     # On the host that runs Snakemake: its params say what this host can do.
@@ -21,6 +24,9 @@ rule summary:
     params:
         cannot_build={d: r for d, r in CAN_BUILD.items() if r},
         cannot_run={d: r for d, r in CAN_RUN.items() if r},
+        # Rows whose engine, ONNX or reference no longer match their records: a file changed with its
+        # mtime kept changes nothing else Snakemake sees, so this reruns the summary (README).
+        damaged=lambda w: kiln_summary.damaged(KILN, CAN_RUN, CAN_BUILD),
         code=code("kiln.summary"),
     threads: 1
     resources:
@@ -37,7 +43,7 @@ rule page:
         summary=P(paths.SUMMARY_JSON),
         validations=kiln_workflow.validation_targets(KILN, CAN_RUN, CAN_BUILD),
         # Every engine record the summary's rows stand for (their build metadata is on the page).
-        engines=[P(paths.ENGINE_RECORD, device=d, model=m, precision=p) for d, m, p in KILN.jobs() if CAN_BUILD[d] is None],
+        engines=kiln_workflow.engine_records(KILN, CAN_BUILD),
     # Beside the summary, on the host that runs Snakemake.
     localrule: True
     output:
