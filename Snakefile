@@ -40,4 +40,6 @@ rule all:
     input:
         summary_targets(),
         page_targets(),
+        # Also as targets, so that one gone (a failed job's, a deleted one) is made again (README).
+        made_here_targets(),
     default_target: True

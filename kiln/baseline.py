@@ -92,7 +92,7 @@ def measure_cpu(module, spec, feeds: dict[str, np.ndarray], batch: int, L: dict)
             module(*args)
 
     return latency.measure(step, batch, L["warmup_ms"], L["min_iterations"], L["min_seconds"],
-                           L.get("cv_warn_percent", 2.5)).to_dict()
+                           L["cv_warn_percent"]).to_dict()
 
 
 def measure_cuda(module, spec, feeds: dict[str, np.ndarray], batch: int, L: dict) -> dict:
@@ -122,7 +122,7 @@ def measure_cuda(module, spec, feeds: dict[str, np.ndarray], batch: int, L: dict
         timer.mark("d2h")
 
     return latency.measure(step, batch, L["warmup_ms"], L["min_iterations"], L["min_seconds"],
-                           L.get("cv_warn_percent", 2.5), timer=timer, depth=2).to_dict()
+                           L["cv_warn_percent"], timer=timer, depth=2).to_dict()
 
 
 def run_baseline(cfg: KilnConfig, device: str, model: str, inputs_npz: str | Path, out: str | Path,

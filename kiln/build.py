@@ -7,7 +7,7 @@ import platform
 import time
 from pathlib import Path
 
-from kiln import backends, paths
+from kiln import backends, integrity, paths
 from kiln.errors import KilnError
 from kiln.specs import KilnConfig
 from kiln.util import atomic_path, sha256, write_json
@@ -46,7 +46,9 @@ def build_engine(
     info = {
         "device": device, "model": model, "precision": precision, "backend": d.backend,
         "backend_version": backend.version(), "host": platform.node(),
-        "onnx": str(onnx_path), "onnx_sha256": sha256(onnx_path), "opset": d.opset,
+        "onnx": str(onnx_path), "onnx_sha256": sha256(onnx_path), "onnx_bytes": Path(onnx_path).stat().st_size,
+        # Stamps let later checks trust an unchanged file without reading it (kiln/integrity.py).
+        "onnx_stamp": integrity.stamp(onnx_path), "opset": d.opset,
     }
     log.info("build %s/%s/%s with %s %s", device, model, precision, d.backend, backend.version())
     t0 = time.perf_counter()
@@ -68,7 +70,7 @@ def build_engine(
         write_json(record, info)
         return info
     info.update(status="built", engine=artifact, engine_sha256=sha256(engine),
-                engine_bytes=engine.stat().st_size, **meta)
+                engine_bytes=engine.stat().st_size, engine_stamp=integrity.stamp(engine), **meta)
     write_json(record, info)
     log.info("build done in %.2f s: %s (%d bytes)", meta.get("build_seconds", 0), engine, info["engine_bytes"])
     return info

@@ -12,7 +12,7 @@ import logging
 import subprocess
 from pathlib import Path
 
-from kiln import backends, paths
+from kiln import backends, integrity, paths
 from kiln.errors import KilnError
 from kiln.util import read_json, write_json
 
@@ -32,8 +32,12 @@ def params(cfg, device: str, model: str, precision: str) -> dict:
 
 
 def run_rule(cfg, device: str, model: str, precision: str, engine_record: Path, onnx_path: Path, out: Path) -> dict:
-    """The rule's body: diagnose a failed build, or record that none is needed."""
+    """The rule's body: diagnose a failed build, or record that none is needed.
+
+    The ONNX reduced must be the one the engine record says was built (kiln/integrity.py).
+    """
     rec = read_json(engine_record)
+    integrity.check(integrity.onnx_problem(rec, engine_record, onnx_path))
     if rec.get("status") == "built":
         result = {"device": device, "model": model, "precision": precision, "status": "not needed"}
         write_json(out, result)

@@ -62,6 +62,8 @@ def script(smk) -> Iterator:
     except Exception as err:
         disk = disk_error(err)
         if disk is None:
-            raise
+            # A bug or a tool's own failure: its traceback goes to the rule's log too, which is otherwise empty.
+            logging.getLogger("kiln").exception("unexpected error in rule %s", smk.rule)
+            sys.exit(1)
         # An OSError raised by a write() names no file: the job's first output is where it was writing.
         _fail(disk_full_message(disk, near=smk.output[0] if smk.output else None))

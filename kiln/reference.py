@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.config import KilnConfig
+from kiln import integrity
+from kiln.specs import KilnConfig
 from kiln.inputs import load as load_inputs
 from kiln.util import atomic_path, sha256, write_json
 
@@ -62,6 +63,10 @@ def make_reference(
         "images": len(inputs),
         "seconds": round(seconds, 3),
         "accuracy": accuracy,
+        # What validation checks outputs.npz against before using it (kiln/integrity.py).
+        "outputs_sha256": sha256(out_npz),
+        "outputs_bytes": Path(out_npz).stat().st_size,
+        "outputs_stamp": integrity.stamp(out_npz),
     }
     write_json(record, info)
     log.info("reference %s: mAP50-95 %.4f mAP50 %.4f", model, accuracy["map50_95"], accuracy["map50"])

@@ -8,8 +8,8 @@ import logging
 import os
 from pathlib import Path
 
-from kiln import backends, paths
-from kiln.config import KilnConfig
+from kiln import backends, integrity, paths
+from kiln.specs import KilnConfig
 from kiln.util import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -19,8 +19,86 @@ COLUMNS = [
     "parity_min_cosine", "parity_max_abs", "detection_match_rate", "map50_95", "map50", "map_drop", "map50_drop",
     "batch_size", "latency_mean_ms", "latency_median_ms", "latency_p99_ms", "latency_cv_percent", "throughput_ips",
     "gpu_compute_median_ms", "pipeline_median_ms", "pytorch_latency_median_ms", "speedup_vs_pytorch",
-    "diagnosis",
+    "diagnosis", "flags",
 ]
+# A row's status: validated within every gate or not, built here but not validated, not built here, or
+# neither passed nor failed because its validation is not there or no longer matches its files.
+STALE, MISSING = "stale", "missing"
+
+
+def damage(
+    cfg: KilnConfig, device: str, model: str, precision: str, validated: bool = True, local=str, planning: bool = False
+) -> str | None:
+    """What no longer matches its record among the files a row stands on, with the fix; None if all match.
+
+    The engine against engine.json, the ONNX it was built from against the sha256 there, and (for a
+    `validated` row) the reference outputs against reference.json; files that are not at hand (in
+    storage only) are not compared. Snakemake remakes none of these by itself: to it, a changed output of
+    a finished job is finished (README: Interrupted, failed and changed files). `planning`: as the workflow sees it
+    before a run, leaving to Snakemake what it will remake anyway (an ONNX newer than the engine, a
+    reference record of an older Kiln).
+    """
+    d = cfg.devices[device]
+    key = {"results": cfg.results, "device": device, "model": model, "precision": precision}
+    target = paths.fmt(paths.ENGINE_RECORD, **key)
+    record_path = Path(local(target))
+    if not record_path.is_file():
+        return None
+    record = read_json(record_path)
+    engine = Path(local(paths.fmt(paths.ENGINE_FILE, **key)))
+    why = integrity.engine_problem(record, record_path, engine, target=target) if engine.is_file() else None
+    src = d.variant_of(precision)
+    onnx = Path(local(paths.fmt(paths.VARIANT, results=cfg.results, model=model, opset=d.opset, precision=src)))
+    if why is None and onnx.is_file() and not (planning and onnx.stat().st_mtime > record_path.stat().st_mtime):
+        why = integrity.onnx_problem(record, record_path, onnx, target=target)
+    if why is not None or not validated or record.get("status") != "built":
+        return why
+    ref_target = paths.fmt(paths.REFERENCE_RECORD, results=cfg.results, model=model, opset=d.opset)
+    ref_record = Path(local(ref_target))
+    outputs = Path(local(paths.fmt(paths.REFERENCE, results=cfg.results, model=model, opset=d.opset)))
+    if ref_record.is_file() and outputs.is_file():
+        ref = read_json(ref_record)
+        if not (planning and "outputs_sha256" not in ref):
+            return integrity.reference_problem(ref, ref_record, outputs, target=ref_target)
+    return None
+
+
+def damaged(cfg: KilnConfig, can_run: dict[str, str | None], can_build: dict[str, str | None]) -> dict[str, str]:
+    """Rows whose files no longer match their records, as the workflow sees them before a run: "device/model/
+    precision" -> why. The summary rule's params, so that Snakemake reruns the summary when a file changes
+    while keeping its mtime (the summary then shows the row as stale)."""
+    return {f"{dev}/{m}/{p}": why for dev, m, p in cfg.jobs() if can_build.get(dev) is None
+            and (why := damage(cfg, dev, m, p, validated=can_run.get(dev) is None, planning=True))}
+
+
+def _stale_validation(cfg: KilnConfig, v: dict, v_path: Path, device: str, model: str, precision: str, local) -> str | None:
+    """Why a validation is not of the engine and reference whose records are at hand; None when it is."""
+    key = {"results": cfg.results, "device": device, "model": model, "precision": precision}
+    record_path = Path(local(paths.fmt(paths.ENGINE_RECORD, **key)))
+    record = read_json(record_path) if record_path.is_file() else None
+    if not record or record.get("status") != "built":
+        return None
+    fix = f"Run Snakemake again with --forcerun {paths.fmt(paths.VALIDATION, **key)} to validate it again"
+    done = v.get("validated")
+    if not done:
+        return f"{v_path} does not record which engine it validated (an older Kiln wrote it). {fix}"
+    if done.get("engine_sha256") != record.get("engine_sha256"):
+        return (f"{v_path} validated another engine (sha256 {str(done.get('engine_sha256'))[:12]}...) than "
+                f"{record_path} records ({str(record.get('engine_sha256'))[:12]}...). {fix}")
+    opset = cfg.devices[device].opset
+    ref_path = Path(local(paths.fmt(paths.REFERENCE_RECORD, results=cfg.results, model=model, opset=opset)))
+    ref = read_json(ref_path) if ref_path.is_file() else {}
+    if ref.get("outputs_sha256") and done.get("reference_sha256") != ref["outputs_sha256"]:
+        return (f"{v_path} compared the engine with other reference outputs than {ref_path} records. {fix}")
+    return None
+
+
+def latency_notes(validation: dict | None) -> list[str]:
+    """The latency warnings validation recorded, per batch size: a coefficient of variation above
+    `validation.latency.cv_warn_percent`, the one threshold (kiln.validate.latency applies it). The
+    summary's `flags` and the page's measurement notes both come from here."""
+    return [f"batch {lat['batch_size']}: {lat['warning']}"
+            for lat in (validation or {}).get("latency") or [] if lat.get("warning")]
 
 
 def _row(
@@ -36,7 +114,7 @@ def _row(
     if simp.is_file():
         s = read_json(simp)
         row["simplify"] = s["status"] + (f" ({s['reason']})" if s.get("reason") else "")
-    src = backends.get(d.backend).source_precision(precision, d)
+    src = d.variant_of(precision)
     onnx = Path(local(paths.fmt(paths.VARIANT, results=R, model=model, opset=d.opset, precision=src)))
     variant = Path(local(paths.fmt(paths.VARIANT_RECORD, results=R, model=model, opset=d.opset, precision=src)))
     if onnx.is_file():
@@ -54,6 +132,11 @@ def _row(
             row["diagnosis"] = f"{g['hint']} [failing subgraph: {nodes}; {g['reduced_onnx']}]"
         elif g.get("status") in ("failed", "not reproduced"):
             row["diagnosis"] = f"not diagnosed: {g.get('reason')}"
+    # Never a number measured on other files than those now at hand: the row says why instead (README).
+    why = damage(cfg, device, model, precision, validated=not no_run, local=local)
+    if why:
+        row.update(status=STALE, reason=why)
+        return row
     if no_run:
         # Built ahead of time here; validation needs the device itself.
         e = read_json(local(paths.fmt(paths.ENGINE_RECORD, results=R, device=device, model=model, precision=precision)))
@@ -62,8 +145,19 @@ def _row(
         else:
             row.update(status="failed", reason=f"build failed: {e.get('reason')}")
         return row
-    v = read_json(local(paths.fmt(paths.VALIDATION, results=R, device=device, model=model, precision=precision)))
+    v_path = Path(local(paths.fmt(paths.VALIDATION, results=R, device=device, model=model, precision=precision)))
+    if not v_path.is_file():
+        row.update(status=MISSING, reason=f"{v_path} does not exist: run the workflow again to validate this engine")
+        return row
+    v = read_json(v_path)
+    why = _stale_validation(cfg, v, v_path, device, model, precision, local)
+    if why:
+        row.update(status=STALE, reason=why)
+        return row
     row.update(status=v["status"], reason=v.get("reason"), engine_bytes=v["build"].get("engine_bytes"))
+    notes = latency_notes(v)
+    if notes:
+        row["flags"] = "; ".join(f"latency unstable at {n}" for n in notes)
     if "parity" in v:
         outs = [m for m in v["parity"]["outputs"].values() if "cosine" in m]
         row["parity_min_cosine"] = min(m["cosine"] for m in outs) if outs else None
@@ -103,7 +197,7 @@ def _fmt(value) -> str:
 
 
 def to_markdown(table: list[dict]) -> str:
-    cols = ["model", "device", "precision", "status", "map50_95", "map50", "map50_drop", "parity_min_cosine",
+    cols = ["model", "device", "precision", "status", "flags", "map50_95", "map50", "map50_drop", "parity_min_cosine",
             "detection_match_rate", "latency_median_ms", "latency_p99_ms", "throughput_ips", "pipeline_median_ms",
             "speedup_vs_pytorch", "engine_bytes", "reason"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -111,6 +205,13 @@ def to_markdown(table: list[dict]) -> str:
         lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in cols) + " |")
     passed = sum(r["status"] == "passed" for r in table)
     lines += ["", f"{passed} of {len(table)} rows passed."]
+    unstable = sum(r["status"] == "passed" and bool(r["flags"]) for r in table)
+    if unstable:
+        lines.append(f"{unstable} of them with unstable latency (flags).")
+    stale = [r for r in table if r["status"] in (STALE, MISSING)]
+    if stale:
+        lines.append(f"{len(stale)} rows are {STALE} or {MISSING}: their validation is not of the files now there "
+                     f"(reason: what changed, and the fix).")
     return "# Kiln summary\n\n" + "\n".join(lines) + "\n"
 
 

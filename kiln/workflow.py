@@ -132,6 +132,27 @@ def build_only_targets(cfg: KilnConfig, run: dict[str, str | None], build: dict[
     ]
 
 
+def engine_records(cfg: KilnConfig, build: dict[str, str | None]) -> list[str]:
+    """Engine records of every job whose device this host builds: the summary checks its rows against them
+    (kiln/summary.py), the page shows their build metadata."""
+    return [paths.fmt(paths.ENGINE_RECORD, results=cfg.results, device=dev, model=m, precision=p)
+            for dev, m, p in cfg.jobs() if build[dev] is None]
+
+
+def made_here_targets(cfg: KilnConfig, run: dict[str, str | None], build: dict[str, str | None]) -> list[str]:
+    """The engines (file and record) and validations this host makes: rule `all` asks for them besides the
+    summary. As a job's inputs only, one that is gone (Snakemake removes a failed job's outputs; a user
+    deletes one) would count as done while the summary is up to date; as targets, they are made again."""
+    out = []
+    for dev, m, p in cfg.jobs():
+        key = {"results": cfg.results, "device": dev, "model": m, "precision": p}
+        if build[dev] is None:
+            out += [paths.fmt(paths.ENGINE_RECORD, **key), paths.fmt(paths.ENGINE_FILE, **key)]
+            if run[dev] is None:
+                out.append(paths.fmt(paths.VALIDATION, **key))
+    return out
+
+
 def summary_records(cfg: KilnConfig, run: dict[str, str | None], build: dict[str, str | None]) -> list[str]:
     """Simplify and variant records of the rows that have an engine (the summary quotes them)."""
     out: dict[str, None] = {}

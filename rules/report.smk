@@ -1,13 +1,13 @@
 # The run's summary (one row per model x device x precision) and Kiln's comparison page.
 # Outputs marked report() go into `snakemake --report`: captions in report/, one category per model.
-
-
 rule summary:
     input:
         validations=kiln_workflow.validation_targets(KILN, PLAN.can_run, PLAN.can_build),
         built_only=kiln_workflow.build_only_targets(KILN, PLAN.can_run, PLAN.can_build),
         # The simplify and variant records its rows quote: inputs, so they come from storage too.
         records=kiln_workflow.summary_records(KILN, PLAN.can_run, PLAN.can_build),
+        # Every row is checked against its engine's record: a validation of another engine is stale.
+        engines=kiln_workflow.engine_records(KILN, PLAN.can_build),
         diagnoses=diagnosis_targets(),  # failed TensorRT builds reduced (rules/diagnose.smk)
         gathered=gathered,  # no files: gather=true checks storage first (rules/common.smk)
     # On the host that runs Snakemake: its params say what this host can do.
@@ -21,6 +21,9 @@ rule summary:
     params:
         cannot_build={d: r for d, r in PLAN.can_build.items() if r},
         cannot_run={d: r for d, r in PLAN.can_run.items() if r},
+        # Rows whose engine, ONNX or reference no longer match their records: a file changed with its
+        # mtime kept changes nothing else Snakemake sees, so this reruns the summary (README).
+        damaged=lambda w: kiln_summary.damaged(KILN, PLAN.can_run, PLAN.can_build),
         code=PLAN.code("summary"),
     threads: 1
     resources:
@@ -36,7 +39,7 @@ rule page:
         summary=P(paths.SUMMARY_JSON),
         validations=kiln_workflow.validation_targets(KILN, PLAN.can_run, PLAN.can_build),
         # Every engine record the summary's rows stand for (their build metadata is on the page).
-        engines=[P(paths.ENGINE_RECORD, device=d, model=m, precision=p) for d, m, p in KILN.jobs() if PLAN.can_build[d] is None],
+        engines=kiln_workflow.engine_records(KILN, PLAN.can_build),
     # Beside the summary, on the host that runs Snakemake.
     localrule: True
     output:

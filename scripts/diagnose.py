@@ -4,5 +4,5 @@ from kiln.diagnose import run_rule
 from kiln.entry import script
 
 with script(snakemake) as cfg:  # noqa: F821
-    w = snakemake.wildcards
-    run_rule(cfg, w.device, w.model, w.precision, snakemake.input.engine, snakemake.input.onnx, snakemake.output[0])
+    w, i = snakemake.wildcards, snakemake.input
+    run_rule(cfg, w.device, w.model, w.precision, i.engine, i.onnx, snakemake.output[0])

@@ -89,7 +89,8 @@ def _validation(cfg, model: str, precision: str, engine: dict, map_fail: bool = 
             par = {"outputs": {n: {"max_abs": 1e-3, "mean_abs": 1e-4, "max_rel": 1e-4, "cosine": 0.9995}
                                for n in ("labels", "boxes", "scores")},
                    "detections": {"match_rate": 0.995, "matched": 199, "reference": 200}}
-        v.update(parity=par,
+        v.update(validated={"engine_sha256": engine["engine_sha256"]},  # what the summary checks it against
+                 parity=par,
                  accuracy={"map50_95": ref - drop, "map50": ref + 0.2 - drop, "reference_map50_95": ref,
                            "reference_map50": ref + 0.2, "map_drop": drop, "map50_drop": drop},
                  latency=[_latency(bs, p50 * bs ** 0.8) for bs in BATCHES],

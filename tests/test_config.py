@@ -135,3 +135,15 @@ def test_config_devices_selects_some_devices(tmp_path):
     assert select_devices(raw, files) is raw  # no selection: untouched
     with pytest.raises(KilnError, match=r"--config devices=cpu,tpu: unknown device 'tpu'; the config files define: cpu"):
         select_devices({**raw, "devices": "cpu,tpu"}, files)
+
+
+@pytest.mark.parametrize("key", ["cosine_min", "match_rate_min", "map50_drop_max", "map_drop_max"])
+@pytest.mark.parametrize("value", [5, 1.5, -0.1])
+def test_fraction_gates_are_bounded(config_dict, key, value):
+    """Every gate is a fraction (0 to 1): `map50_drop_max: 5` could never fail, so the config check refuses it."""
+    gates = {"cosine_min": 0.98, "match_rate_min": 0.8, "map50_drop_max": 0.05, "map_drop_max": 0.07}
+    config_dict["validation"]["thresholds"] = {"int8": {**gates, key: value}}
+    with pytest.raises(KilnError) as err:
+        load(config_dict, check_paths=False)
+    bound = "greater than the maximum of 1" if value > 1 else "less than the minimum of 0"
+    assert str(err.value) == f"config: 'validation.thresholds.int8.{key}': {value} is {bound}"

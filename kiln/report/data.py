@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kiln import paths
 from kiln.errors import KilnError
+from kiln.summary import MISSING, STALE
 from kiln.util import read_json
 
 
@@ -93,7 +94,8 @@ def load(results: str | Path, summary_json: str | Path | None = None, inputs: li
         e = Engine(row=row)
         rec, val = Path(local(paths.fmt(paths.ENGINE_RECORD, **key))), Path(local(paths.fmt(paths.VALIDATION, **key)))
         e.record = read_json(rec) if rec.is_file() else None
-        e.validation = read_json(val) if val.is_file() else None
+        # A stale row's validation is of other files than those there now: none of its numbers are shown.
+        e.validation = read_json(val) if val.is_file() and row["status"] not in (STALE, MISSING) else None
         e.pictures = _pictures(e.validation, val.parent)
         names = [("build", f"{dev}_{model}_{prec}"), ("validate", f"{dev}_{model}_{prec}"),
                  ("baseline", f"{dev}_{model}")]  # the PyTorch timing this engine's speed-up is against

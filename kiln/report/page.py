@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln import paths
-from kiln.config import PRECISIONS
+from kiln.specs import PRECISIONS
 from kiln.report import plots
 from kiln.report.data import Engine, Model, Run, load
+from kiln.summary import MISSING, STALE, latency_notes
 from kiln.util import atomic_path
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,13 @@ COLUMNS: list[tuple[str, str, Callable]] = [
     ("pipeline_median_ms", "pipeline p50 ms", _num(2)),
     ("pytorch_latency_median_ms", "PyTorch p50 ms (batch 1)", _num(2)),
     ("speedup_vs_pytorch", "speed-up vs PyTorch", _speedup),
+    ("flags", "flags", str),
     ("reason", "reason", str),
 ]
 ALWAYS = {"device", "precision", "status"}
 STATUS_NOTE = {"passed": "validated, within every threshold", "failed": "a threshold or the build failed",
-               "built": "built here, not validated on this host", "not run": "not built on this host"}
+               "built": "built here, not validated on this host", "not run": "not built on this host",
+               STALE: "a file changed after validation: not validated as it is now", MISSING: "not validated yet"}
 
 
 def columns(run: Run, model: Model) -> list[tuple[str, str, Callable]]:
@@ -104,8 +107,7 @@ def reasons(model: Model) -> list[tuple[str, str, list[str], str]]:
 
 def notes(model: Model) -> list[str]:
     """Warnings the latency measurement raised (a busy host, unstable clocks)."""
-    return [f"{e.device}/{e.precision} batch {lat['batch_size']}: {lat['warning']}"
-            for e in model.engines for lat in e.latency if lat.get("warning")]
+    return [f"{e.device}/{e.precision} {note}" for e in model.engines for note in latency_notes(e.validation)]
 
 
 def _versions(rec: dict) -> str:
@@ -240,6 +242,7 @@ th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } td.reason { min-width: 22em; }
 .st-passed { background: #dcf5e1; } .st-failed { background: #fbd9d9; }
 .st-built { background: #fff1c7; } .st-not-run { background: #ececec; color: #555; }
+.st-stale, .st-missing { background: #f3dcf5; }
 .matrix td { min-width: 10em; } .matrix .metric { font-size: 0.85em; color: #333; }
 .matrix td.absent { background: #fff; color: #aaa; }
 .legend span { display: inline-block; padding: 0.15em 0.6em; margin-right: 0.4em; border: 1px solid #ccc; }
@@ -351,8 +354,8 @@ def _model_html(run: Run, m: Model, figures: list[Figure], base: Path) -> str:
 
 
 def _counts(run: Run) -> str:
-    parts = [f"{run.count(s)} {s}" for s in ("passed", "failed", "built", "not run") if run.count(s)]
-    other = run.total - sum(run.count(s) for s in ("passed", "failed", "built", "not run"))
+    parts = [f"{run.count(s)} {s}" for s in STATUS_NOTE if run.count(s)]
+    other = run.total - sum(run.count(s) for s in STATUS_NOTE)
     if other:
         parts.append(f"{other} other")
     return f"{run.total} engines: " + ", ".join(parts)

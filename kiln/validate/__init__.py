@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln import backends
-from kiln.config import KilnConfig
+from kiln import backends, integrity, paths
+from kiln.specs import KilnConfig
 from kiln.inputs import load as load_inputs
 from kiln.reference import run_batches
 from kiln.util import read_json, write_json
@@ -96,16 +96,27 @@ def validate(
         write_json(out, result)
         return result
 
-    backend = backends.get(d.backend)
     # The rule's engine input (a local copy under a storage provider); else the record's path.
-    runner = backend.load_runner(Path(engine_file or build["engine"]), d, threads=d.threads or threads)
+    engine = Path(engine_file or build["engine"])
+    # Both checked in full before use: a changed file is one clear error, not a parser's traceback.
+    key = {"results": cfg.results, "device": device, "model": model, "precision": precision}
+    integrity.check(integrity.engine_problem(build, engine_record, engine, full=True,
+                                             target=paths.fmt(paths.ENGINE_RECORD, **key)))
+    ref_info = read_json(reference_record)
+    integrity.check(integrity.reference_problem(
+        ref_info, reference_record, reference_npz, full=True,
+        target=paths.fmt(paths.REFERENCE_RECORD, results=cfg.results, model=model, opset=d.opset)))
+    # What the summary compares with the records it finds (kiln/summary.py): a validation of other files is stale.
+    result["validated"] = {"engine_sha256": build.get("engine_sha256"), "reference_sha256": ref_info["outputs_sha256"]}
+
+    backend = backends.get(d.backend)
+    runner = backend.load_runner(engine, d, threads=d.threads or threads)
     inputs = load_inputs(inputs_npz)
     log.info("validate %s/%s/%s: accuracy on %d images", device, model, precision, len(inputs))
     outputs = run_batches(runner.infer, spec, inputs, v["batch_size"])
 
     with np.load(reference_npz) as z:
         ref = {k: z[k] for k in z.files}
-    ref_info = read_json(reference_record)
     par = {"outputs": {name: parity.dense(ref[name], outputs[name]) for name in ref}}
     dets = accuracy.detections(spec, outputs, inputs)
     if spec.detection_outputs:

@@ -87,6 +87,6 @@ def measure(spec: ModelSpec, infer: Callable[[dict], dict], images: list, batch_
         batch = [images[i % len(images)] for i in range(bs)]
         timer = latency.HostTimer()
         stats = latency.measure(make_step(spec, infer, batch, timer.mark), bs, L["warmup_ms"], L["min_iterations"],
-                                L["min_seconds"], L.get("cv_warn_percent", 2.5), timer=timer)
+                                L["min_seconds"], L["cv_warn_percent"], timer=timer)
         out.append(stats.to_dict())
     return out
