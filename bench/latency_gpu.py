@@ -3,7 +3,7 @@
 For a few PyTorch workloads (chains of bf16 GEMMs and a bf16 conv stack at several sizes) this
 times the same CUDA work four ways:
 
-* Kiln's harness (kiln.validate.latency.measure) with a CUDA-event timer on torch.cuda.Event,
+* Kiln's harness (kiln.latency.measure) with a CUDA-event timer on torch.cuda.Event,
   two queries in flight as in validation (``harness_ms``);
 * the same with the cuda.bindings event timer the TensorRT runners use (``harness_cb_ms``);
 * plain torch.cuda.Event pairs around each of N back-to-back calls (``plain_ms``);

@@ -1,7 +1,7 @@
 """Stage `baseline`: the checkpoint in PyTorch eager on the device, timed like its engines.
 
 The same model factory and weights as the export, the same validation inputs, the same harness
-(kiln.validate.latency) and timer as validation on that device: the host clock for CPU devices
+(kiln.latency) and timer as validation on that device: the host clock for CPU devices
 (with PyTorch's intra-op threads set to the device's ONNX Runtime thread count), CUDA events with
 H2D and D2H copies for GPU devices. The summary's ``speedup_vs_pytorch`` is this median latency
 over the engine's, at batch 1.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln import paths
-from kiln.inputs import load as load_inputs
+from kiln import latency, paths
+from kiln.batches import load as load_inputs
 from kiln.specs import KilnConfig
 from kiln.util import disk_error, write_json
 
@@ -36,11 +36,11 @@ def torch_device(cfg: KilnConfig, device: str) -> str:
 
 def params(cfg: KilnConfig, device: str, model: str) -> dict:
     """Everything that changes a baseline measurement (tracked by Snakemake)."""
-    from kiln import export
+    from kiln import sources
 
     d = cfg.devices[device]
     return {
-        "model": export.params(cfg, model),
+        "model": sources.model_params(cfg.models[model]),
         "torch_device": torch_device(cfg, device),
         "batch_sizes": batch_sizes(cfg, device),
         "threads": d.threads,
@@ -62,16 +62,6 @@ def targets(cfg: KilnConfig, run: dict[str, str | None], build: dict[str, str | 
     })
 
 
-def median_at(record: dict | None, batch: int = 1) -> float | None:
-    """Median latency (ms) of a baseline or validation record's latency list at `batch`."""
-    if not record:
-        return None
-    for lat in record.get("latency") or []:
-        if lat.get("batch_size") == batch:
-            return lat.get("median_ms")
-    return None
-
-
 def _tensors(torch, feeds: dict[str, np.ndarray], names) -> list:
     return [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
 
@@ -83,7 +73,7 @@ def _as_tuple(out) -> tuple:
 def measure_cpu(module, spec, feeds: dict[str, np.ndarray], batch: int, L: dict) -> dict:
     import torch
 
-    from kiln.validate import latency
+    from kiln import latency
 
     args = _tensors(torch, feeds, spec.input_names)
 
@@ -99,7 +89,7 @@ def measure_cuda(module, spec, feeds: dict[str, np.ndarray], batch: int, L: dict
     """H2D copies from pinned memory, forward, D2H copies into pinned memory, timed with CUDA events."""
     import torch
 
-    from kiln.validate import latency
+    from kiln import latency
 
     host = [t.pin_memory() for t in _tensors(torch, feeds, spec.input_names)]
     dev = [torch.empty_like(t, device="cuda") for t in host]
@@ -137,7 +127,7 @@ def run_baseline(cfg: KilnConfig, device: str, model: str, inputs_npz: str | Pat
     try:
         import torch
 
-        from kiln.export import build_module
+        from kiln.sources import build_module
 
         record["torch"] = torch.__version__
         if where == "cuda" and not torch.cuda.is_available():
@@ -164,7 +154,7 @@ def run_baseline(cfg: KilnConfig, device: str, model: str, inputs_npz: str | Pat
                 log.warning("baseline batch %d: %s", bs, stats["warning"])
             lat.append(stats)
         record.update(status="measured", reason=None, latency=lat)
-        log.info("baseline %s/%s: p50 %.2f ms at batch 1", device, model, median_at(record) or float("nan"))
+        log.info("baseline %s/%s: p50 %.2f ms at batch 1", device, model, latency.median_at(record) or float("nan"))
     except Exception as err:  # the engine's validation must not depend on PyTorch running here
         if disk_error(err) is not None:
             raise  # a full disk is not PyTorch failing: the entry point says so in one line

@@ -21,21 +21,7 @@ def params(cfg: KilnConfig, model: str) -> dict:
     """Everything in the config that changes the exported bytes (tracked by Snakemake)."""
     from kiln import sources
 
-    m = cfg.models[model]
-    out = {
-        "source": m.source,
-        "factory": m.factory,
-        # The model's own code: editing the factory's module (or the RT-DETR checkout) re-exports.
-        **sources.params(m),
-        "factory_args": m.factory_args,
-        "layout": m.layout,
-        "input_size": list(m.input_size),
-        "dynamic_batch": m.dynamic_batch,
-        "dynamic_hw": m.dynamic_hw,
-    }
-    if m.source != "torch" or m.trust_checkpoint:
-        out.update(trust_checkpoint=m.trust_checkpoint, max_det=m.decode["max_det"])
-    return out
+    return sources.model_params(cfg.models[model])
 
 
 def build_module(spec: ModelSpec):

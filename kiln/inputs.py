@@ -8,46 +8,23 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kiln.coco import image_dir
 from kiln.errors import KilnError
+from kiln.preprocess import letterbox, resize
 from kiln.specs import ModelSpec
 from kiln.util import atomic_path
 
 log = logging.getLogger(__name__)
-PAD_VALUE = 114  # Ultralytics' letterbox grey
 
 
 def params(cfg, model: str, split: str) -> dict:
     m = cfg.models[model]
     count = m.calibration["images"] if split == "calib" else cfg.datasets[m.dataset].val_count
     return {"input_size": list(m.input_size), "preprocess": m.preprocess, "count": count}
-
-
-def letterbox(img, size: tuple[int, int]) -> tuple[np.ndarray, float, tuple[float, float]]:
-    """Resize keeping aspect ratio and pad to `size` (h, w); returns HWC uint8, ratio, (left, top) offset."""
-    from PIL import Image
-
-    h, w = size
-    r = min(h / img.height, w / img.width)
-    nw, nh = round(img.width * r), round(img.height * r)
-    # Same rounding as Ultralytics, so boxes map back identically.
-    left, top = int(round((w - nw) / 2 - 0.1)), int(round((h - nh) / 2 - 0.1))
-    canvas = Image.new("RGB", (w, h), (PAD_VALUE,) * 3)
-    resized = img if (nw, nh) == img.size else img.resize((nw, nh), Image.BILINEAR)
-    canvas.paste(resized, (left, top))
-    return np.asarray(canvas), r, (left, top)
-
-
-def resize(img, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    h, w = size
-    return np.asarray(img if img.size == (w, h) else img.resize((w, h), Image.BILINEAR))
 
 
 def preprocess_split(spec: ModelSpec, annotations: str | Path, count: int, out: str | Path) -> Path:
@@ -90,29 +67,3 @@ def preprocess_split(spec: ModelSpec, annotations: str | Path, count: int, out: 
         )
     log.info("inputs %s: %d images of %s -> %s", spec.name, len(images), annotations, out)
     return Path(out)
-
-
-@dataclass
-class Inputs:
-    """A preprocessed split, loaded."""
-
-    images: np.ndarray  # uint8 NCHW
-    image_ids: np.ndarray
-    orig_sizes: np.ndarray  # (N, 2) width, height
-    ratios: np.ndarray
-    pads: np.ndarray  # (N, 2) letterbox left, top offsets in input pixels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def feeds(self, spec: ModelSpec, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Model inputs for images [start, stop): floats in [0, 1], plus orig_target_sizes for RT-DETR."""
-        feeds = {"images": self.images[start:stop].astype(np.float32) / 255.0}
-        if spec.layout == "rtdetr":
-            feeds["orig_target_sizes"] = self.orig_sizes[start:stop].astype(np.int64)
-        return feeds
-
-
-def load(path: str | Path) -> Inputs:
-    with np.load(path) as z:
-        return Inputs(**{k: z[k] for k in ("images", "image_ids", "orig_sizes", "ratios", "pads")})

@@ -941,7 +941,7 @@ def variant_for_rule(
     `annotations` is the calib split's annotations.json as the rule was given it (a local copy
     under a storage provider); by default the artifact path under cfg.results.
     """
-    from kiln.inputs import load as load_inputs
+    from kiln.batches import load as load_inputs
 
     spec = cfg.models[model]
     options = options_from_config(precision, spec.calibration)

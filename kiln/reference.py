@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from kiln import integrity
+from kiln.batches import load as load_inputs
+from kiln.batches import run_batches
 from kiln.specs import KilnConfig
-from kiln.inputs import load as load_inputs
 from kiln.util import atomic_path, sha256, write_json
 
 log = logging.getLogger(__name__)
@@ -21,30 +22,14 @@ def params(cfg: KilnConfig, model: str) -> dict:
     return {"batch_size": cfg.validation["batch_size"], "decode": cfg.models[model].decode}
 
 
-def run_batches(infer, spec, inputs, batch_size: int) -> dict[str, np.ndarray]:
-    """Run `infer(feeds)` over all inputs in batches and stack each output along the batch axis."""
-    if not spec.dynamic_batch:
-        batch_size = 1
-    chunks: dict[str, list[np.ndarray]] = {}
-    n = len(inputs)
-    for start in range(0, n, batch_size):
-        out = infer(inputs.feeds(spec, start, min(n, start + batch_size)))
-        for name, value in out.items():
-            chunks.setdefault(name, []).append(np.asarray(value))
-        done = min(n, start + batch_size)
-        if done % (batch_size * 25) == 0 or done == n:
-            log.info("%s: %d/%d images", spec.name, done, n)
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
-
-
 def make_reference(
     cfg: KilnConfig, model: str, onnx_path: Path, inputs_npz: Path, annotations: Path, out_npz: Path, record: Path
 ) -> dict:
     """Run the fp32 ONNX on the CPU provider (the reference must not depend on a GPU) and score it."""
     import onnxruntime as ort
 
+    from kiln.accuracy import task_map
     from kiln.backends.onnxruntime import OrtRunner
-    from kiln.validate.accuracy import task_map
 
     spec = cfg.models[model]
     inputs = load_inputs(inputs_npz)

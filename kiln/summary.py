@@ -8,7 +8,8 @@ import logging
 import os
 from pathlib import Path
 
-from kiln import backends, integrity, paths
+from kiln import integrity, paths
+from kiln.findings import MISSING, STALE, latency_notes
 from kiln.specs import KilnConfig
 from kiln.util import atomic_path, read_json, write_json
 
@@ -21,9 +22,6 @@ COLUMNS = [
     "gpu_compute_median_ms", "pipeline_median_ms", "pytorch_latency_median_ms", "speedup_vs_pytorch",
     "diagnosis", "flags",
 ]
-# A row's status: validated within every gate or not, built here but not validated, not built here, or
-# neither passed nor failed because its validation is not there or no longer matches its files.
-STALE, MISSING = "stale", "missing"
 
 
 def damage(
@@ -91,14 +89,6 @@ def _stale_validation(cfg: KilnConfig, v: dict, v_path: Path, device: str, model
     if ref.get("outputs_sha256") and done.get("reference_sha256") != ref["outputs_sha256"]:
         return (f"{v_path} compared the engine with other reference outputs than {ref_path} records. {fix}")
     return None
-
-
-def latency_notes(validation: dict | None) -> list[str]:
-    """The latency warnings validation recorded, per batch size: a coefficient of variation above
-    `validation.latency.cv_warn_percent`, the one threshold (kiln.validate.latency applies it). The
-    summary's `flags` and the page's measurement notes both come from here."""
-    return [f"batch {lat['batch_size']}: {lat['warning']}"
-            for lat in (validation or {}).get("latency") or [] if lat.get("warning")]
 
 
 def _row(

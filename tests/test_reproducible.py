@@ -124,13 +124,13 @@ def test_reference_outputs_on_another_summation_order_are_within_tolerance(two_r
     change of the outputs it refuses."""
     import numpy as np
 
-    from kiln import inputs
+    from kiln import batches
     from kiln.backends.onnxruntime import OrtRunner
     from kiln.config import load
 
     a, _ = two_runs
     spec = load(tiny_config(), check_paths=False).models["yolo_demo"]
-    feeds = inputs.load(a / "inputs/yolo_demo/val.npz").feeds(spec, 0, 8)
+    feeds = batches.load(a / "inputs/yolo_demo/val.npz").feeds(spec, 0, 8)
     outs = {}
     for optimize in (True, False):
         runner = OrtRunner(a / "onnx/yolo_demo/opset17/surgery.onnx", providers=["CPUExecutionProvider"], threads=1,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from kiln import export, inputs, simplify, surgery
+from kiln import batches, export, inputs, preprocess, simplify, surgery
 from kiln.config import load
 from kiln.errors import KilnError
 from kiln.util import read_json, sha256
@@ -146,10 +146,10 @@ def test_remove_training_nodes_bypasses_dropout_and_identity(tmp_path):
 def test_letterbox_pads_and_maps_back():
     from PIL import Image
 
-    from kiln.validate.accuracy import _unletterbox
+    from kiln.accuracy import _unletterbox
 
     img = Image.new("RGB", (200, 100), (255, 0, 0))
-    arr, r, (left, top) = inputs.letterbox(img, (256, 256))
+    arr, r, (left, top) = preprocess.letterbox(img, (256, 256))
     assert arr.shape == (256, 256, 3) and r == pytest.approx(1.28)
     assert (left, top) == (0, 64)
     assert tuple(arr[0, 0]) == (114, 114, 114) and tuple(arr[128, 128]) == (255, 0, 0)
@@ -164,7 +164,7 @@ def test_preprocess_split_stores_uint8_and_rtdetr_sizes(specs, tmp_path):
     ann = generate_split(tmp_path / "val", "val", 3, seed=0, image_size=256)
     out = tmp_path / "in.npz"
     inputs.preprocess_split(specs["rtdetr_demo"], ann, 3, out)
-    data = inputs.load(out)
+    data = batches.load(out)
     assert data.images.dtype == np.uint8 and data.images.shape == (3, 3, 256, 256)
     ids = sorted(im["id"] for im in json.loads(ann.read_text())["images"])
     assert list(data.image_ids) == ids

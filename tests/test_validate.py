@@ -7,8 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
+from kiln import latency
 from kiln.errors import KilnError
-from kiln.validate import gate, latency, parity
+from kiln.validate import gate, parity
 
 
 def test_dense_parity_identical_and_perturbed():
@@ -278,7 +279,7 @@ TRTEXEC_OUTPUT = """\
 
 
 def test_trtexec_command_pins_every_timing_choice():
-    from kiln.validate import trtexec
+    from kiln.backends.trt import trtexec
 
     s = trtexec.Settings(warmup_ms=200, iterations=50, duration_s=2.0)
     cmd = trtexec.command("trtexec", "e.engine", {"images": [8, 3, 256, 256], "orig_target_sizes": [8, 2]}, s)
@@ -296,7 +297,7 @@ def test_trtexec_command_pins_every_timing_choice():
 
 
 def test_trtexec_output_is_parsed_and_settings_checked():
-    from kiln.validate import trtexec
+    from kiln.backends.trt import trtexec
 
     r = trtexec.parse(TRTEXEC_OUTPUT)
     assert r["version"] == "101300" and r["passed"] is True
@@ -321,7 +322,7 @@ def test_trtexec_run_records_a_failing_tool(tmp_path):
     import os
     import stat
 
-    from kiln.validate import trtexec
+    from kiln.backends.trt import trtexec
 
     exe = tmp_path / "trtexec"
     exe.write_text("#!/bin/sh\necho '[E] Error opening engine file: e.engine'\nexit 1\n")
@@ -652,8 +653,8 @@ def test_gpu_latency_sweeps_the_profile_and_runs_trtexec_alike(with_tool, tmp_pa
 
     from kiln import validate as stage
     from kiln.backends.trt.runner import TrtEngineRunner
+    from kiln.batches import Inputs
     from kiln.config import load
-    from kiln.inputs import Inputs
     from tests.conftest import tiny_config
 
     spec = load(tiny_config(), check_paths=False).models["rtdetr_demo"]

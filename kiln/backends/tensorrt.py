@@ -177,7 +177,7 @@ def calibration_batches(calib_npz: Path, model_spec, batch_size: int):
     Uses the first ``model_spec.calibration['images']`` images, as the Q/DQ variant's
     calibration does, so both int8 paths see the same data.
     """
-    from kiln.inputs import load
+    from kiln.batches import load
 
     data = load(calib_npz)
     n = min(len(data), int(model_spec.calibration["images"]))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kiln import paths
 from kiln.errors import KilnError
-from kiln.summary import MISSING, STALE
+from kiln.findings import MISSING, STALE
 from kiln.util import read_json
 
 

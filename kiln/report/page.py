@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln import paths
-from kiln.specs import PRECISIONS
+from kiln.findings import MISSING, STALE, latency_notes
 from kiln.report import plots
 from kiln.report.data import Engine, Model, Run, load
-from kiln.summary import MISSING, STALE, latency_notes
+from kiln.specs import PRECISIONS
 from kiln.util import atomic_path
 
 log = logging.getLogger(__name__)

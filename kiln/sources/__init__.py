@@ -378,3 +378,21 @@ def build_module(spec):
 def params(spec) -> dict:
     """What of the source, beside the config keys, changes the export (code and versions)."""
     return adapter(spec.source).params(spec)
+
+
+def model_params(m) -> dict:
+    """Everything in a model's config and source that changes the built nn.Module (export, baseline)."""
+    out = {
+        "source": m.source,
+        "factory": m.factory,
+        # The model's own code: editing the factory's module (or the RT-DETR checkout) re-exports.
+        **params(m),
+        "factory_args": m.factory_args,
+        "layout": m.layout,
+        "input_size": list(m.input_size),
+        "dynamic_batch": m.dynamic_batch,
+        "dynamic_hw": m.dynamic_hw,
+    }
+    if m.source != "torch" or m.trust_checkpoint:
+        out.update(trust_checkpoint=m.trust_checkpoint, max_det=m.decode["max_det"])
+    return out

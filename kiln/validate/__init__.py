@@ -1,6 +1,6 @@
 """Stage `validate`: an engine's parity against the fp32 reference, task mAP, and latency, on its device.
 
-Latency follows trtexec's method (kiln.validate.latency). CPU backends are timed with the host
+Latency follows trtexec's method (kiln.latency). CPU backends are timed with the host
 clock around a synchronous run. GPU engines (TensorRT, TensorRT-RTX) are timed with CUDA events
 on the runner's stream: H2D copies, GPU compute, D2H copies and host enqueue time per query, two
 queries in flight, spin-wait, CUDA graphs where the engine can be captured, at every batch size
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln import backends, integrity, paths
+from kiln import accuracy, backends, integrity, latency, paths
+from kiln.batches import load as load_inputs
+from kiln.batches import run_batches
 from kiln.specs import KilnConfig
-from kiln.inputs import load as load_inputs
-from kiln.reference import run_batches
 from kiln.util import read_json, write_json
-from kiln.validate import accuracy, latency, parity, pictures, pipeline, trtexec
+from kiln.validate import parity, pictures, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -136,16 +136,15 @@ def validate(
                                         count=PICTURES["count"], min_score=v["match_score"])
 
     L = v["latency"]
-    if hasattr(runner, "query"):
-        result.update(_gpu_latency(runner, spec, d, inputs, L))
+    if runner.device_timed:
+        result.update(_gpu_latency(backend, runner, spec, d, inputs, L))
     else:
         result["latency"] = _host_latency(runner, spec, d, inputs, L)
     lat = result["latency"]
     log.info("validate %s/%s/%s: end-to-end pipeline latency", device, model, precision)
     result["pipeline"] = pipeline.measure(spec, runner.infer, pipeline.load_images(annotations, max(d.batch_sizes)),
                                           d.batch_sizes, L)
-    if hasattr(runner, "close"):
-        runner.close()
+    runner.close()
     result.update(_speedup(baseline, lat))
 
     failures = gate(spec.layout, v["thresholds"][precision], result)
@@ -179,16 +178,15 @@ def _host_latency(runner, spec, d, inputs, L: dict) -> list[dict]:
     return out
 
 
-def _gpu_latency(runner, spec, d, inputs, L: dict) -> dict:
-    """CUDA-event latency of a GPU runner across its profile's batch sizes, and trtexec's where it is on PATH."""
-    flavor = d.backend
+def _gpu_latency(backend, runner, spec, d, inputs, L: dict) -> dict:
+    """CUDA-event latency of a GPU runner across its profile's batch sizes, and the backend's own latency
+    tool's (trtexec) on the same engine where it has one on PATH."""
     batches = latency.batch_sweep(d.batch_sizes, runner.max_batch()) if spec.dynamic_batch else [1]
-    settings = trtexec.Settings(warmup_ms=L["warmup_ms"], iterations=L["min_iterations"], duration_s=L["min_seconds"],
-                                spin_wait=GPU_TIMING["spin_wait"], data_transfers=GPU_TIMING["data_transfers"],
-                                cuda_graph=GPU_TIMING["cuda_graph"] and runner.cuda_graph != "off")
-    exe = trtexec.find(flavor)
-    helptext = trtexec.help_text(exe) if exe and flavor == "tensorrt-rtx" else ""
-    lat, tool = [], []
+    settings = {"warmup_ms": L["warmup_ms"], "iterations": L["min_iterations"], "duration_s": L["min_seconds"],
+                "spin_wait": GPU_TIMING["spin_wait"], "data_transfers": GPU_TIMING["data_transfers"],
+                "cuda_graph": GPU_TIMING["cuda_graph"] and runner.cuda_graph != "off"}
+    tool_name = backend.latency_tool_name()
+    lat, tool, tool_missing = [], [], False
     for bs in batches:
         feeds = _feeds(spec, inputs, bs)
         events = latency.CudaBindingsEvents(runner.stream, runner.cudart)
@@ -201,27 +199,27 @@ def _gpu_latency(runner, spec, d, inputs, L: dict) -> dict:
         if stats.warning:
             log.warning("batch %d: %s", bs, stats.warning)
         lat.append({**stats.to_dict(), "cuda_graph": runner.describe()["cuda_graph"], "profile": runner.profile})
-        if exe and runner.engine_path:
+        if tool_name and runner.engine_path and not tool_missing:
             shapes = {n: list(np.shape(feeds[n])) for n in runner.input_names}
-            used = trtexec.Settings(**{**settings.as_dict(), "cuda_graph": settings.cuda_graph and not runner.graph_note})
-            rec = trtexec.run(exe, str(runner.engine_path), shapes, used, flavor=flavor, profile=runner.profile,
-                              helptext=helptext)
+            rec = backend.latency_tool(runner, shapes, settings)
+            if rec is None:
+                tool_missing = True
+                continue
             if rec.get("status") != "measured":
-                log.warning("batch %d: %s did not measure: %s", bs, trtexec.EXECUTABLES[flavor], rec.get("reason"))
+                log.warning("batch %d: %s did not measure: %s", bs, tool_name, rec.get("reason"))
             tool.append({"batch_size": bs, **rec})
     result = {"latency": lat, "runner": runner.describe(),
               "latency_method": {"timer": "CUDA events (cuda.bindings) on the runner's stream", **GPU_TIMING,
                                  "batch_sizes": batches}}
-    if exe:
-        result["trtexec"] = tool
-    else:
-        result["trtexec"] = {"status": "not run", "reason": f"{trtexec.EXECUTABLES[flavor]} is not on PATH"}
+    if tool_name:
+        result["trtexec"] = ({"status": "not run", "reason": f"{tool_name} is not on PATH"} if tool_missing
+                             else tool)
     return result
 
 
 def _speedup(baseline: Path | None, lat: list[dict]) -> dict:
     """PyTorch eager median latency over the engine's, at batch 1 (None where either is missing)."""
-    from kiln.baseline import median_at
+    from kiln.latency import median_at
 
     if baseline is None or not Path(baseline).is_file():
         return {"baseline": None, "speedup_vs_pytorch": None}

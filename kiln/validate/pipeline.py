@@ -3,7 +3,7 @@
 A query takes decoded RGB images at their original size (file decoding is not timed: a camera or
 video decoder hands frames over already decoded), letterboxes or resizes them exactly as the
 inputs stage does, normalises to float [0, 1] NCHW, runs the engine, and turns its outputs into
-detections in original pixels exactly as the accuracy pass does (kiln.validate.accuracy). Marks
+detections in original pixels exactly as the accuracy pass does (kiln.accuracy). Marks
 split each query into ``preprocess``, ``engine`` and ``postprocess`` phases.
 
 The host timer serves every backend: for a GPU engine the engine phase includes its copies and
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.inputs import Inputs, letterbox, resize
+from kiln import latency
+from kiln.accuracy import detections
+from kiln.batches import Inputs
+from kiln.preprocess import letterbox, resize
 from kiln.specs import ModelSpec
-from kiln.validate import latency
-from kiln.validate.accuracy import detections
 
 
 def load_images(annotations: str | Path, count: int) -> list:

@@ -29,6 +29,23 @@ class TrtBackend(Backend):
     def required_passes(self, device, opset: int) -> list[str]:
         return trt_ops.required_passes(self.parser_flavor, self.parser_version(device), opset)
 
+    def latency_tool_name(self) -> str:
+        from kiln.backends.trt import trtexec
+
+        return trtexec.EXECUTABLES[self.parser_flavor]
+
+    def latency_tool(self, runner, shapes: dict[str, list[int]], settings: dict) -> dict[str, Any] | None:
+        """trtexec (tensorrt_rtx) on the runner's engine with Kiln's timing pinned; None when it is not on PATH."""
+        from kiln.backends.trt import trtexec
+
+        exe = trtexec.find(self.parser_flavor)
+        if exe is None:
+            return None
+        # A CUDA graph the runner could not capture is not asked of trtexec either.
+        used = trtexec.Settings(**{**settings, "cuda_graph": settings["cuda_graph"] and not runner.graph_note})
+        return trtexec.run(exe, str(runner.engine_path), shapes, used, flavor=self.parser_flavor,
+                           profile=runner.profile)
+
     def diagnose(self, onnx_path: Path, device, precision: str, out: Path, spec=None) -> dict[str, Any]:
         from kiln.backends.trt import diagnose
 

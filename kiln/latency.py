@@ -382,3 +382,13 @@ def batch_sweep(batch_sizes: Sequence[int], max_batch: int | None = None) -> lis
             b *= 2
         sizes = {s for s in sizes if s <= max_batch} | {int(max_batch)}
     return sorted(sizes)
+
+
+def median_at(record: dict | None, batch: int = 1) -> float | None:
+    """Median latency (ms) of a baseline or validation record's latency list at `batch`."""
+    if not record:
+        return None
+    for lat in record.get("latency") or []:
+        if lat.get("batch_size") == batch:
+            return lat.get("median_ms")
+    return None

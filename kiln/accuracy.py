@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.inputs import Inputs
+from kiln.batches import Inputs
 from kiln.specs import ModelSpec
 
 

@@ -18,6 +18,7 @@ Total Host Walltime and Total GPU Compute Time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 EXECUTABLES = {"tensorrt": "trtexec", "tensorrt-rtx": "tensorrt_rtx"}
 
-# Summary metric label -> Kiln's phase name (as in kiln.validate.latency's phases).
+# Summary metric label -> Kiln's phase name (as in kiln.latency's phases).
 METRICS = {
     "Latency": "latency",
     "Host Latency": "latency",  # TensorRT 7's label
@@ -174,6 +175,7 @@ def compare_settings(asked: Settings, reported: dict) -> list[str]:
     return out
 
 
+@functools.cache
 def help_text(exe: str) -> str:
     try:
         proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
