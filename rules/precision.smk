@@ -11,7 +11,7 @@ rule precision:
         LOG("precision", "{model}_opset{opset}_{precision}"),
     params:
         spec=lambda w: kiln_precision.params(KILN, w.model, w.precision),
-        code=code("kiln.precision"),
+        code=code("kiln.precision.cast"),
     wildcard_constraints:
         precision="fp32|fp16|bf16",
     threads: 1
@@ -37,7 +37,7 @@ rule quantize:
         LOG("quantize", "{model}_opset{opset}_{precision}"),
     params:
         spec=lambda w: kiln_precision.params(KILN, w.model, w.precision),
-        code=code("kiln.precision"),
+        code=code("kiln.precision.quantize"),
     wildcard_constraints:
         precision="int8|fp8",
     threads: 2
