@@ -21,7 +21,7 @@ from kiln.errors import KilnError
 # Each rule's stage module: the one place a rule name leads to its code (README's module table).
 STAGES = {
     "dataset": "kiln.dataset", "inputs": "kiln.inputs", "export": "kiln.export", "simplify": "kiln.simplify",
-    "surgery": "kiln.surgery", "precision": "kiln.precision", "quantize": "kiln.precision",
+    "surgery": "kiln.surgery", "precision": "kiln.precision.cast", "quantize": "kiln.precision.quantize",
     "reference": "kiln.reference", "build": "kiln.build", "baseline": "kiln.baseline",
     "validate": "kiln.validate", "diagnose": "kiln.diagnose", "summary": "kiln.summary", "page": "kiln.report.page",
 }

@@ -1,7 +1,7 @@
-"""Rule precision: fp32 copy, fp16/bf16 by ModelOpt AutoCast (kiln.precision)."""
+"""Rule precision: fp32 copy, fp16/bf16 by ModelOpt AutoCast (kiln.precision.cast)."""
 import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
-from kiln.precision import variant_for_rule
+from kiln.precision.cast import variant_for_rule
 
 with script(snakemake) as cfg:  # noqa: F821
     w = snakemake.wildcards

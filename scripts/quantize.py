@@ -1,7 +1,7 @@
-"""Rule quantize: int8/fp8 explicit Q/DQ by ModelOpt PTQ on the calibration split (kiln.precision)."""
+"""Rule quantize: int8/fp8 explicit Q/DQ by ModelOpt PTQ on the calibration split (kiln.precision.quantize)."""
 import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
-from kiln.precision import variant_for_rule
+from kiln.precision.quantize import variant_for_rule
 
 with script(snakemake) as cfg:  # noqa: F821
     w = snakemake.wildcards

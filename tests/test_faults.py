@@ -23,9 +23,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kiln import precision
 from kiln.backends.trt import diagnose
 from kiln.config import load
+from kiln.precision import quantize, variant
 from kiln.util import disk_error
 from tests.conftest import REPO, tiny_config
 
@@ -140,7 +140,7 @@ def test_surgery_over_quota_stops_with_one_line_naming_the_file(tmp_path, monkey
 
 
 def test_a_tool_wrapping_the_disk_error_is_still_a_full_disk():
-    """ModelOpt's failures are re-raised as RuntimeError (kiln/precision.py); child processes keep only text."""
+    """ModelOpt's failures are re-raised as RuntimeError (kiln/precision/); child processes keep only text."""
     try:
         try:
             raise OSError(errno.ENOSPC, "No space left on device", "/data/quant.onnx")
@@ -206,16 +206,16 @@ def quantize_job(tmp_path, monkeypatch):
     seen = {}
 
     def quantized(src, dst, options, calib=None, log=print):
-        precision._atomic_write(b"int8 onnx", dst)
+        variant.atomic_write(b"int8 onnx", dst)
         seen["calib list when the ONNX was written"] = (out / "int8.calib.txt").exists()
         return {"wall_s": 0.0}
 
-    monkeypatch.setattr(precision, "make_variant", quantized)
+    monkeypatch.setattr(quantize, "make_variant", quantized)
 
     def run():
-        return precision.variant_for_rule(cfg, "yolo_demo", "int8", tmp_path / "surgery.onnx", out / "int8.onnx",
-                                          out / "int8.json", calib_npz=calib, calib_list=out / "int8.calib.txt",
-                                          annotations=ann)
+        return quantize.variant_for_rule(cfg, "yolo_demo", "int8", tmp_path / "surgery.onnx", out / "int8.onnx",
+                                         out / "int8.json", calib_npz=calib, calib_list=out / "int8.calib.txt",
+                                         annotations=ann)
 
     return SimpleNamespace(run=run, out=out, seen=seen)
 
@@ -224,7 +224,7 @@ def test_calib_list_is_not_left_when_the_onnx_write_fails(quantize_job, monkeypa
     def interrupted(data, dst):
         raise KeyboardInterrupt  # SIGINT (or a kill) while the ONNX is being written
 
-    monkeypatch.setattr(precision, "_atomic_write", interrupted)
+    monkeypatch.setattr(variant, "atomic_write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         quantize_job.run()
     assert not (quantize_job.out / "int8.calib.txt").exists()

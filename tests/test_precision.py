@@ -426,3 +426,13 @@ def test_modelopt_failure_leaves_old_dst_untouched(src_dir, tmp_path, monkeypatc
 
 def test_calib_methods_are_modelopts():
     assert CALIB_METHODS == ("entropy", "max")
+
+
+def test_each_rule_fingerprints_only_the_code_it_runs():
+    """kiln.fingerprint follows imports: editing quantization must not rerun fp16 variants."""
+    from kiln.fingerprint import closure
+
+    cast, quantize = closure("kiln.precision.cast"), closure("kiln.precision.quantize")
+    assert "kiln.precision.quantize" not in cast and "kiln.inputs" not in cast
+    assert "kiln.precision" not in cast  # the package's __init__ imports both rules
+    assert "kiln.precision.cast" in quantize  # its second pass is AutoCast
