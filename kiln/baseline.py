@@ -162,3 +162,9 @@ def run_baseline(cfg: KilnConfig, device: str, model: str, inputs_npz: str | Pat
         record.update(status="failed", reason=f"{type(err).__name__}: {err}".replace("\n", " "), latency=[])
     write_json(out, record)
     return record
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `baseline`: the checkpoint in PyTorch eager on the device, timed like its engines."""
+    w = job.wildcards
+    run_baseline(cfg, w.device, w.model, job.input.inputs, job.output[0], threads=job.threads)

@@ -74,3 +74,15 @@ def build_engine(
     write_json(record, info)
     log.info("build done in %.2f s: %s (%d bytes)", meta.get("build_seconds", 0), engine, info["engine_bytes"])
     return info
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `build`: one engine on its device's backend. A failed build leaves an empty engine file (a
+    declared output, so it goes to storage with its record, which says why)."""
+    w = job.wildcards
+    calib = job.input.calib[0] if job.input.calib else None
+    info = build_engine(cfg, w.device, w.model, w.precision, job.input.onnx, job.output[0], job.threads,
+                        calib_npz=calib, engine_path=job.output.engine)
+    if info["status"] != "built":
+        with atomic_path(job.output.engine):
+            pass

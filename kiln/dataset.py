@@ -101,3 +101,8 @@ def _val_from_coco(spec: DatasetSpec, out: Path) -> Path:
         {IMAGE_DIR_KEY: str(folder.resolve()), "images": images, "annotations": annotations, "categories": categories},
     )
     return out
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `dataset`: one split of a dataset."""
+    prepare(cfg.datasets[job.wildcards.dataset], job.wildcards.split, job.output[0])

@@ -31,8 +31,15 @@ def params(cfg, device: str, model: str, precision: str) -> dict:
     return {"build": build, "precision": precision, "model": model}
 
 
-def run_rule(cfg, device: str, model: str, precision: str, engine_record: Path, onnx_path: Path, out: Path) -> dict:
-    """The rule's body: diagnose a failed build, or record that none is needed.
+def run_rule(cfg, job) -> dict:
+    """Rule `diagnose`: one build's diagnosis."""
+    w, i = job.wildcards, job.input
+    return diagnose_build(cfg, w.device, w.model, w.precision, i.engine, i.onnx, job.output[0])
+
+
+def diagnose_build(cfg, device: str, model: str, precision: str, engine_record: Path, onnx_path: Path,
+                   out: Path) -> dict:
+    """Diagnose a failed build, or record that none is needed.
 
     The ONNX reduced must be the one the engine record says was built (kiln/integrity.py).
     """

@@ -103,3 +103,8 @@ def _export(spec: ModelSpec, opset: int, out: str | Path) -> dict:
             )
     log.info("export %s: %d nodes written to %s", spec.name, len(model.graph.node), out)
     return {"nodes": len(model.graph.node), "opset": opset}
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `export`: the model to ONNX at one opset."""
+    export_onnx(cfg.models[job.wildcards.model], int(job.wildcards.opset), job.output[0])

@@ -67,3 +67,8 @@ def preprocess_split(spec: ModelSpec, annotations: str | Path, count: int, out: 
         )
     log.info("inputs %s: %d images of %s -> %s", spec.name, len(images), annotations, out)
     return Path(out)
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `inputs`: one split preprocessed for one model."""
+    preprocess_split(cfg.models[job.wildcards.model], job.input.annotations, job.params.spec["count"], job.output[0])

@@ -56,3 +56,9 @@ def make_reference(
     write_json(record, info)
     log.info("reference %s: mAP50-95 %.4f mAP50 %.4f", model, accuracy["map50_95"], accuracy["map50"])
     return info
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `reference`: fp32 outputs on the validation inputs, and their mAP."""
+    i, o = job.input, job.output
+    make_reference(cfg, job.wildcards.model, i.onnx, i.inputs, i.annotations, o.outputs, o.record)

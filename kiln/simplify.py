@@ -58,3 +58,8 @@ def simplify(src: str | Path, dst: str | Path, record: str | Path, enabled: bool
     info["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(record, info)
     return info
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `simplify`: onnxsim on the export (or the graph passed on, with the reason)."""
+    simplify(job.input[0], job.output.onnx, job.output.record, job.params.spec["simplify"])

@@ -42,7 +42,10 @@ def damage(
     record_path = Path(local(target))
     if not record_path.is_file():
         return None
-    record = read_json(record_path)
+    record = _record(record_path)
+    if record is None:
+        return (f"{record_path} cannot be read as JSON (it is damaged or empty): run Snakemake again with "
+                f"--forcerun {target} to rebuild it")
     engine = Path(local(paths.fmt(paths.ENGINE_FILE, **key)))
     why = integrity.engine_problem(record, record_path, engine, target=target) if engine.is_file() else None
     src = d.variant_of(precision)
@@ -55,10 +58,22 @@ def damage(
     ref_record = Path(local(ref_target))
     outputs = Path(local(paths.fmt(paths.REFERENCE, results=cfg.results, model=model, opset=d.opset)))
     if ref_record.is_file() and outputs.is_file():
-        ref = read_json(ref_record)
+        ref = _record(ref_record)
+        if ref is None:
+            return (f"{ref_record} cannot be read as JSON (it is damaged or empty): run Snakemake again with "
+                    f"--forcerun {ref_target} to make the reference again")
         if not (planning and "outputs_sha256" not in ref):
             return integrity.reference_problem(ref, ref_record, outputs, target=ref_target)
     return None
+
+
+def _record(path: Path) -> dict | None:
+    """A record's JSON, or None when it cannot be read (truncated, emptied, not JSON)."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def damaged(cfg: KilnConfig, can_run: dict[str, str | None], can_build: dict[str, str | None]) -> dict[str, str]:
@@ -227,3 +242,9 @@ def write_summary(
         tmp.write_text(to_markdown(table))
     log.info("summary: %d rows -> %s", len(table), os.path.dirname(out_json))
     return table
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `summary`: the run's table as JSON, CSV and Markdown."""
+    o = job.output
+    write_summary(cfg, o.json, o.csv, o.md, job.params.cannot_build, job.params.cannot_run, inputs=list(job.input))

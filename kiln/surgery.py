@@ -430,3 +430,11 @@ def run_passes(src: str | Path, dst: str | Path, record: str | Path, passes: lis
     info = {"tool": f"onnx-graphsurgeon {gs.__version__}", "passes": steps}
     write_json(record, info)
     return info
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `surgery`: the model's and its devices' passes, and NMS where asked."""
+    spec, w = job.params.spec, job.wildcards
+    # Which device asked for which pass goes into the record only (not a param: renaming a device reruns nothing).
+    run_passes(job.input[0], job.output.onnx, job.output.record, spec["surgery"], nms=spec.get("nms"),
+               required_by=device_passes(cfg, w.model, int(w.opset)))

@@ -470,10 +470,10 @@ class Plan:
             return fingerprint.code_fingerprint(stage)
 
         def job_code(w) -> str:
-            extra = job_modules(self.cfg, rule, w)
-            if extra not in self._code:
-                self._code[extra] = fingerprint.code_fingerprint(stage, *extra)
-            return self._code[extra]
+            key = (stage, *job_modules(self.cfg, rule, w))
+            if key not in self._code:
+                self._code[key] = fingerprint.code_fingerprint(*key)
+            return self._code[key]
 
         return job_code
 

@@ -48,7 +48,7 @@ def diagnosis_targets():
 
 def made_here_targets():
     """Engines and validations this run makes (gather=true: of this host's devices), also targets of `all`."""
-    if RUN["gather"]:
+    if PLAN.run["gather"]:
         return kiln_workflow.made_here_targets(KILN, PLAN.host_can_run, PLAN.host_can_build)
     return kiln_workflow.made_here_targets(KILN, PLAN.can_run, PLAN.can_build)
 

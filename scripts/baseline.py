@@ -1,9 +1,7 @@
 """Rule baseline: the checkpoint in PyTorch eager on the device, timed like its engines (kiln.baseline)."""
 import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
-from kiln.baseline import run_baseline
 from kiln.entry import script
+from kiln.baseline import run_rule
 
-with script(snakemake) as cfg:  # noqa: F821
-    w = snakemake.wildcards  # noqa: F821
-    run_baseline(cfg, w.device, w.model, snakemake.input.inputs, snakemake.output[0],  # noqa: F821
-                 threads=snakemake.threads)  # noqa: F821
+with script(snakemake) as cfg:  # noqa: F821 (snakemake is injected by the script directive)
+    run_rule(cfg, snakemake)  # noqa: F821

@@ -1,7 +1,7 @@
 """Rule export: checkpoint to ONNX at one opset (kiln.export)."""
 import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
-from kiln.export import export_onnx
+from kiln.export import run_rule
 
-with script(snakemake) as cfg:  # noqa: F821
-    export_onnx(cfg.models[snakemake.wildcards.model], int(snakemake.wildcards.opset), snakemake.output[0])
+with script(snakemake) as cfg:  # noqa: F821 (snakemake is injected by the script directive)
+    run_rule(cfg, snakemake)  # noqa: F821

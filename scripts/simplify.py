@@ -1,7 +1,7 @@
 """Rule simplify: onnxsim with pass-through on failure (kiln.simplify)."""
 import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
-from kiln.simplify import simplify
+from kiln.simplify import run_rule
 
-with script(snakemake) as cfg:  # noqa: F821
-    simplify(snakemake.input[0], snakemake.output.onnx, snakemake.output.record, snakemake.params.spec["simplify"])
+with script(snakemake) as cfg:  # noqa: F821 (snakemake is injected by the script directive)
+    run_rule(cfg, snakemake)  # noqa: F821

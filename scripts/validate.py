@@ -1,10 +1,7 @@
 """Rule validate: parity, mAP and latency of one engine on its device (kiln.validate)."""
 import _kiln_path  # noqa: F401,I001 (puts the workflow's kiln package on sys.path)
 from kiln.entry import script
-from kiln.validate import validate
+from kiln.validate import run_rule
 
-with script(snakemake) as cfg:  # noqa: F821
-    w, i = snakemake.wildcards, snakemake.input
-    validate(cfg, w.device, w.model, w.precision, i.engine, i.reference, i.reference_record, i.inputs,
-             i.annotations, snakemake.output[0], threads=snakemake.threads, baseline=getattr(i, "baseline", None),
-             engine_file=i.engine_file)
+with script(snakemake) as cfg:  # noqa: F821 (snakemake is injected by the script directive)
+    run_rule(cfg, snakemake)  # noqa: F821

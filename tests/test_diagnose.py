@@ -153,7 +153,7 @@ def test_a_diagnosis_that_cannot_run_says_why_in_one_line(det_model, tmp_path, s
     f = {k: tmp_path / paths.fmt(p, results=R, device="rtx", model="yolo_demo", precision="fp32")
          for k, p in (("engine", paths.ENGINE_RECORD), ("diag", paths.DIAGNOSIS))}
     write_json(f["engine"], {"status": "failed", "reason": "TensorRT-RTX 1.7.1.116 cannot parse ..."})
-    rec = diagnose_stage.run_rule(cfg, "rtx", "yolo_demo", "fp32", f["engine"], det_model, f["diag"])
+    rec = diagnose_stage.diagnose_build(cfg, "rtx", "yolo_demo", "fp32", f["engine"], det_model, f["diag"])
     assert rec["status"] == "failed"
     assert rec["reason"] == "diagnose: polygraphy surgeon sanitize failed (exit 1): RuntimeError: sanitize exploded"
     local = {paths.fmt(p, results=R, device="rtx", model="yolo_demo", precision="fp32"): str(f[k])
@@ -205,7 +205,7 @@ def test_built_engine_needs_no_diagnosis_and_summary_shows_one(tmp_path):
     rec = tmp_path / "engine.json"
     write_json(rec, {"status": "built"})
     out = tmp_path / "d.json"
-    assert diagnose_stage.run_rule(cfg, "rtx", "yolo_demo", "fp32", rec, tmp_path / "none.onnx", out)["status"] == "not needed"
+    assert diagnose_stage.diagnose_build(cfg, "rtx", "yolo_demo", "fp32", rec, tmp_path / "none.onnx", out)["status"] == "not needed"
     # A failed build with its diagnosis: the summary row carries the hint.
     R = cfg.results
     f = {k: tmp_path / paths.fmt(p, results=R, device="rtx", model="yolo_demo", precision="fp32")

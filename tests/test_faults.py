@@ -175,12 +175,12 @@ def test_diagnose_tool_on_a_full_disk_is_no_diagnosis(tmp_path, monkeypatch, cap
 
 
 def test_baseline_on_a_full_disk_is_not_recorded_as_pytorch_failing(tmp_path, monkeypatch):
-    from kiln import baseline, export
+    from kiln import baseline, sources
 
     def full_disk(spec):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export, "build_module", full_disk)
+    monkeypatch.setattr(sources, "build_module", full_disk)
     out = tmp_path / "baseline.json"
     with pytest.raises(OSError):
         baseline.run_baseline(load(tiny_config(), check_paths=False), "cpu", "yolo_demo", tmp_path / "none.npz", out)

@@ -671,8 +671,11 @@ def test_gpu_latency_sweeps_the_profile_and_runs_trtexec_alike(with_tool, tmp_pa
         exe = tmp_path / "trtexec"
         exe.write_text("#!/bin/sh\necho \"$@\" > " + str(tmp_path / "args.txt") + "\ncat <<'X'\n" + TRTEXEC_OUTPUT + "X\n")
         exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(stage.trtexec, "find", lambda flavor: str(exe) if exe else None)
-    result = stage._gpu_latency(runner, spec, device, inputs, L)
+    from kiln import backends
+    from kiln.backends.trt import trtexec
+
+    monkeypatch.setattr(trtexec, "find", lambda flavor: str(exe) if exe else None)
+    result = stage._gpu_latency(backends.get(device.backend), runner, spec, device, inputs, L)
     lat = result["latency"]
     assert [x["batch_size"] for x in lat] == [1, 2, 3, 4, 8]  # configured 1 and 3, powers of two up to 8
     assert [x["profile"] for x in lat] == [0, 0, 0, 0, 1]

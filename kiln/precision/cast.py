@@ -131,3 +131,9 @@ def autocast(
                 f"ModelOpt AutoCast ({low}) failed on {what}: {type(e).__name__}: {e}{capture.context()}"
             ) from e
     return dst
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `precision`: the fp32 copy, or fp16/bf16 by AutoCast."""
+    w = job.wildcards
+    variant_for_rule(cfg, w.model, w.precision, job.input[0], job.output.onnx, job.output.record)

@@ -178,3 +178,10 @@ def _quantize(
     if not dst.is_file():
         raise RuntimeError(f"ModelOpt {mode} quantization of {what} wrote no model{capture.context()}")
     return dst
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `quantize`: int8/fp8 Q/DQ by ModelOpt PTQ on the calibration split."""
+    w = job.wildcards
+    variant_for_rule(cfg, w.model, w.precision, job.input.onnx, job.output.onnx, job.output.record,
+                     calib_npz=job.input.calib, calib_list=job.output.calib_list, annotations=job.input.annotations)

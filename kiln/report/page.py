@@ -470,3 +470,10 @@ def write_page(results: str | Path, out_html: str | Path, out_md: str | Path,
     log.info("page: %s, %d models, %d figures -> %s", _counts(run), len(run.models),
              sum(len(f) for f in figures.values()), out_html)
     return run
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `page`: Kiln's comparison page and its figures."""
+    out = job.output
+    write_page(cfg.results, out.html, out.md, job.input.summary, list(job.input),
+               model_plots=out.model_plots, device_plots=out.device_plots)

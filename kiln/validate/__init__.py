@@ -229,3 +229,11 @@ def _speedup(baseline: Path | None, lat: list[dict]) -> dict:
             "torch_device": b.get("torch_device"), "median_ms_batch1": base_ms}
     speedup = base_ms / engine_ms if base_ms and engine_ms else None
     return {"baseline": info, "speedup_vs_pytorch": speedup}
+
+
+def run_rule(cfg, job) -> None:
+    """Rule `validate`: one engine's parity, mAP and latency on its device."""
+    w, i = job.wildcards, job.input
+    validate(cfg, w.device, w.model, w.precision, i.engine, i.reference, i.reference_record, i.inputs,
+             i.annotations, job.output[0], threads=job.threads, baseline=getattr(i, "baseline", None),
+             engine_file=i.engine_file)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kiln.backends.base import Runner
 from kiln.backends.trt.cuda import CudaRuntime, _Buffer, capture_graph
 from kiln.backends.trt.importer import LABELS, polygraphy_logs, polygraphy_trt
 from kiln.backends.trt.io import (
@@ -31,7 +32,7 @@ from kiln.errors import KilnError
 log = logging.getLogger(__name__)
 
 
-class TrtEngineRunner:
+class TrtEngineRunner(Runner):
     """A TensorRT / TensorRT-RTX engine behind kiln.backends.base.Runner, plus what latency needs.
 
     * Dynamic shapes: each feed's shape is set on the context and picks the first optimization
@@ -45,6 +46,8 @@ class TrtEngineRunner:
       harness times: H2D copies, mark("h2d"), the engine's enqueue, mark("compute"), D2H copies,
       mark("d2h"), all on ``stream`` (a ``cuda.bindings`` stream; ``cudart`` is its module).
     """
+
+    device_timed = True  # CUDA events on its stream (kiln.validate, kiln.latency)
 
     def __init__(self, flavor: str, engine_path: Path, device, threads: int = 0, cuda_graph: bool = True):
         from polygraphy.exception import PolygraphyException
