@@ -1,5 +1,7 @@
 """Two small detectors for the bundled demo, shaped like the real models Kiln converts.
 
+One concern (the demo's two architectures and their building blocks), hence its length.
+
 * :func:`yolo_demo` mimics an Ultralytics YOLOv8 ONNX export: one output tensor
   ``(B, 4 + nc, A)`` with rows ``cx, cy, w, h`` (input pixels) followed by per-class
   sigmoid scores, ``A = sum((H/s) * (W/s) for s in (8, 16, 32))``.  Anchor-free,

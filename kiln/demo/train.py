@@ -1,5 +1,7 @@
 """Train the two demo detectors on the procedural shapes dataset, on CPU.
 
+One concern, the demo's training recipe, in one file (hence its length): nothing else in Kiln imports it.
+
 Produces ``models/demo_yolo.pt``, ``models/demo_rtdetr.pt`` (plain state_dicts) and
 ``models/demo_models.json`` (factory arguments, input contract, training settings
 and the validation mAP measured here).  The later pipeline compares every ONNX /
