@@ -464,10 +464,14 @@ class Plan:
         return backends.get(d.backend).needs_calibration(d, precision)
 
     def code(self, rule: str):
-        """The `code` param of `rule`: its stage's fingerprint, per job where a registry adds modules."""
+        """The `code` param of `rule`: its stage's fingerprint, with the modules registries add per job.
+        A constant where every job of the rule runs the same modules (Snakemake then calls nothing per job)."""
         stage = STAGES[rule]
         if rule not in ("dataset", "export", "baseline", *DEVICE_RULES):
             return fingerprint.code_fingerprint(stage)
+        keys = {(stage, *job_modules(self.cfg, rule, w)) for w in self._wildcards(rule)}
+        if len(keys) == 1:
+            return fingerprint.code_fingerprint(*keys.pop())
 
         def job_code(w) -> str:
             key = (stage, *job_modules(self.cfg, rule, w))
@@ -476,6 +480,30 @@ class Plan:
             return self._code[key]
 
         return job_code
+
+    def _wildcards(self, rule: str) -> list[dict]:
+        """The wildcard values a registry looks at, over every job of `rule` the config can ask for."""
+        if rule == "dataset":
+            return [{"dataset": d} for d in self.cfg.datasets]
+        if rule == "export":
+            return [{"model": m} for m in self.cfg.models]
+        return [{"device": d, "model": m} for d, dev in self.cfg.devices.items() for m in dev.models]
+
+    def per_device(self, fn):
+        """`fn(device)` as a param or input: a constant where every device gives the same, else per job."""
+        table = {d: fn(d) for d in self.cfg.devices}
+        values = list(table.values())
+        if values and all(v == values[0] for v in values):
+            return values[0]
+        return lambda w: table[w.device]
+
+    def calibration_inputs(self):
+        """The build rule's calibration input: the model's calib split where the device's backend
+        calibrates this precision (an INT8 calibrator); [] for every job where none does."""
+        if not any(self.needs_calibration(d, p) for d, dev in self.cfg.devices.items() for p in dev.precisions):
+            return []
+        return lambda w: ([paths.partial(paths.INPUTS, results=self.cfg.results, model=w.model, split="calib")]
+                          if self.needs_calibration(w.device, w.precision) else [])
 
     def resources(self, rule: str) -> dict:
         """`resources:` of `rule`: memory and runtime; for per-device rules the GPU and cluster hints,
@@ -498,6 +526,6 @@ class Plan:
                 res[name] = lambda w, values=values: values[w.device]
         return res
 
-    def threads(self, device: str) -> int:
-        """Threads of a device's timed jobs: its own setting, else every core Snakemake has."""
-        return self.cfg.devices[device].threads or 1024
+    def threads(self, rule: str):
+        """Threads of a device's timed jobs (validate, baseline): its own setting, else every core Snakemake has."""
+        return self.per_device(lambda d: self.cfg.devices[d].threads or 1024)

@@ -16,7 +16,7 @@ rule baseline:
         spec=lambda w: kiln_baseline.params(KILN, w.device, w.model),
         code=PLAN.code("baseline"),
     # Timed like validation: alone on the host, so ask for every core Snakemake has.
-    threads: lambda w: PLAN.threads(w.device)
+    threads: PLAN.threads("baseline")
     resources:
         # Placed on the device\'s nodes from its `cluster:` hints (kiln/workflow.py Plan.resources).
         **PLAN.resources("baseline"),

@@ -26,11 +26,7 @@ rule reference:
 rule build:
     input:
         onnx=engine_source,
-        calib=lambda w: (
-            [P(paths.INPUTS, model=w.model, split="calib")]
-            if PLAN.needs_calibration(w.device, w.precision)
-            else []
-        ),
+        calib=PLAN.calibration_inputs(),
     output:
         P(paths.ENGINE_RECORD),
         # Declared, so it goes to storage with its record (README: Building on devices).
@@ -40,7 +36,7 @@ rule build:
     log:
         LOG("build", "{device}_{model}_{precision}"),
     params:
-        spec=lambda w: kiln_build.params(KILN, w.device),
+        spec=PLAN.per_device(lambda d: kiln_build.params(KILN, d)),
         code=PLAN.code("build"),
     threads: 2
     resources:
@@ -73,7 +69,7 @@ rule validate:
         spec=lambda w: kiln_validate.params(KILN, w.device, w.model, w.precision),
         code=PLAN.code("validate"),
     # Latency is measured with the host to itself: ask for every core Snakemake has.
-    threads: lambda w: PLAN.threads(w.device)
+    threads: PLAN.threads("validate")
     resources:
         # Placed on the device\'s nodes from its `cluster:` hints (kiln/workflow.py Plan.resources).
         **PLAN.resources("validate"),

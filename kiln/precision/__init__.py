@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 
-from kiln.precision import cast, quantize
 from kiln.precision.graph import find_output_sigmoids, find_score_tail
 from kiln.precision.options import (
     AUTOCAST_REFERENCE_SAMPLES,
@@ -96,6 +95,8 @@ def make_variant(
     calibration method, missing or mismatching calibration data, exclusion patterns that match
     nothing); RuntimeError when ModelOpt fails or produces an invalid model.
     """
+    from kiln.precision import cast, quantize  # here: planning imports this package for params() alone
+
     rule = quantize if options.precision in QUANT_PRECISIONS else cast
     return rule.make_variant(src, dst, options, calib=calib, log=log)
 
@@ -116,6 +117,8 @@ def variant_for_rule(
     The calibration arguments are quantize's (kiln.precision.quantize.variant_for_rule); other
     precisions ignore them.
     """
+    from kiln.precision import cast, quantize
+
     if precision in QUANT_PRECISIONS:
         return quantize.variant_for_rule(cfg, model, precision, src, dst, record, calib_npz, calib_list, annotations)
     return cast.variant_for_rule(cfg, model, precision, src, dst, record)
