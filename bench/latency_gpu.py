@@ -13,7 +13,7 @@ times the same CUDA work four ways:
 and sets each against its floor: max(FLOPs / peak dense bf16 FLOP/s, bytes / peak memory
 bandwidth) for the GPU the driver reports. One workload also runs with H2D and D2H copies and
 ``mark``s, so the harness's per-phase (H2D / compute / D2H) times can be checked against plain
-events around the forward alone. Finally kiln.backends.trt.cuda.capture_graph captures a GEMM
+events around the forward alone. Finally kiln.backends.cuda.capture_graph captures a GEMM
 chain into a CUDA graph through cuda.bindings and the graph's replay is timed and checked.
 
 Usage: python bench/latency_gpu.py [--out DIR] [--seconds 0.5]. Writes DIR/latency_gpu.json and
@@ -205,10 +205,10 @@ def phased(torch, fn_model, x_host, out_host, seconds, x_dev) -> dict:
 
 
 def graph_check(torch, n: int, layers: int, seconds: float) -> dict:
-    """Capture a GEMM chain with kiln.backends.trt.cuda.capture_graph (cuda.bindings) and replay it."""
+    """Capture a GEMM chain with kiln.backends.cuda.capture_graph (cuda.bindings) and replay it."""
     import statistics
 
-    from kiln.backends.trt.cuda import CudaRuntime, capture_graph
+    from kiln.backends.cuda import CudaRuntime, capture_graph
 
     rt = CudaRuntime()
     s = torch.cuda.Stream()

@@ -160,9 +160,9 @@ def _row(
         row.update(status=STALE, reason=why)
         return row
     row.update(status=v["status"], reason=v.get("reason"), engine_bytes=v["build"].get("engine_bytes"))
-    notes = latency_notes(v)
-    if notes:
-        row["flags"] = "; ".join(f"latency unstable at {n}" for n in notes)
+    flags = [f"latency unstable at {n}" for n in latency_notes(v)] + list(v.get("findings") or [])
+    if flags:
+        row["flags"] = "; ".join(flags)
     if "parity" in v:
         outs = [m for m in v["parity"]["outputs"].values() if "cosine" in m]
         row["parity_min_cosine"] = min(m["cosine"] for m in outs) if outs else None
@@ -210,7 +210,7 @@ def to_markdown(table: list[dict]) -> str:
         lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in cols) + " |")
     passed = sum(r["status"] == "passed" for r in table)
     lines += ["", f"{passed} of {len(table)} rows passed."]
-    unstable = sum(r["status"] == "passed" and bool(r["flags"]) for r in table)
+    unstable = sum(r["status"] == "passed" and "latency unstable" in (r["flags"] or "") for r in table)
     if unstable:
         lines.append(f"{unstable} of them with unstable latency (flags).")
     stale = [r for r in table if r["status"] in (STALE, MISSING)]

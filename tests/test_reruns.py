@@ -68,7 +68,7 @@ EXPECTED = {
     'kiln/backends/trt/__init__.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/backend.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/builder.py': {'build': 6, 'diagnose': 6},
-    'kiln/backends/trt/cuda.py': {'build': 6, 'diagnose': 6},
+    'kiln/backends/cuda.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/diagnose.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/host.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/importer.py': {'build': 6, 'diagnose': 6},

@@ -143,6 +143,10 @@ class Backend(ABC):
     def load_runner(self, engine_path: Path, device, threads: int = 0) -> Runner:
         """The engine at ``engine_path``, loaded for inference."""
 
+    def findings(self, device, build: dict[str, Any]) -> list[str]:
+        """What the build record says that the summary should flag (nodes a GPU provider left on the CPU)."""
+        return []
+
     def diagnose(self, onnx_path: Path, device, precision: str, out: Path, spec=None) -> dict[str, Any]:
         """Reduce a model this backend refuses to its smallest failing subgraph; write `out` (when ``diagnoses``)."""
         raise NotImplementedError(f"backend '{self.name}' does not diagnose failed builds")

@@ -74,7 +74,29 @@ def check_host(device) -> str | None:
     have = ort.get_available_providers()
     missing = [p for p in device.providers if p not in have]
     if missing:
-        return f"ONNX Runtime {ort.__version__} here lacks {', '.join(missing)} (has {', '.join(have)})"
+        # The CPU wheel imported in place of onnxruntime-gpu (both installed, one module name) says so.
+        return _both_wheels() or f"ONNX Runtime {ort.__version__} here lacks {', '.join(missing)} (has {', '.join(have)})"
+    if device.providers[0] == "CPUExecutionProvider":
+        return None
+    from kiln.backends.trt.host import detect_host
+
+    host = detect_host()
+    if not host.driver or not host.compute_capability:
+        return f"{device.providers[0]} needs an NVIDIA GPU with its driver; this host has none"
+    if device.compute_capability and device.compute_capability != host.compute_capability:
+        return (f"device '{device.name}' is compute capability {device.compute_capability}, this host's "
+                f"{host.gpu or 'GPU'} is {host.compute_capability}: run it on its own GPU (README: Building on devices)")
+    return None
+
+
+def _both_wheels() -> str | None:
+    """onnxruntime and onnxruntime-gpu share the module name: with both installed, either may be imported."""
+    from importlib import metadata
+
+    names = {d.metadata["Name"].lower() for d in metadata.distributions() if d.metadata["Name"]}
+    if {"onnxruntime", "onnxruntime-gpu"} <= names:
+        return ("both onnxruntime (CPU) and onnxruntime-gpu are installed here, and they share the module name: "
+                "pip uninstall onnxruntime onnxruntime-gpu, then pip install onnxruntime-gpu alone")
     return None
 
 
@@ -185,8 +207,16 @@ class OrtRunner(Runner):
         self.session = None
 
 
-def load_runner(engine_path: Path, device, threads: int = 0) -> OrtRunner:
-    return OrtRunner(engine_path, device, threads)
+def load_runner(engine_path: Path, device, threads: int = 0) -> Runner:
+    """The CPU provider's session, or on a GPU provider the device-timed runner (kiln.backends.ort_cuda)."""
+    if device.providers[0] == "CPUExecutionProvider":
+        return OrtRunner(engine_path, device, threads)
+    reason = check_host(device)
+    if reason:
+        raise KilnError(f"cannot run '{engine_path}' here: {reason}")
+    from kiln.backends.ort_cuda import OrtCudaRunner
+
+    return OrtCudaRunner(engine_path, device, threads)
 
 
 class OnnxRuntime(Backend):
@@ -220,5 +250,14 @@ class OnnxRuntime(Backend):
     def build(self, onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0, **extra) -> dict:
         return build(onnx_path, engine_path, device, precision, threads, **extra)
 
-    def load_runner(self, engine_path: Path, device, threads: int = 0) -> OrtRunner:
+    def load_runner(self, engine_path: Path, device, threads: int = 0) -> Runner:
         return load_runner(engine_path, device, threads)
+
+    def findings(self, device, build: dict) -> list[str]:
+        """Nodes ONNX Runtime placed on the CPU in a GPU provider's optimized graph (its Memcpy nodes)."""
+        if device.providers[0] == "CPUExecutionProvider":
+            return []
+        from kiln.backends.ort_cuda import cpu_fallback
+
+        found = cpu_fallback(build.get("ops_out"))
+        return [found["finding"]] if found else []

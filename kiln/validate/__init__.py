@@ -110,6 +110,7 @@ def validate(
     result["validated"] = {"engine_sha256": build.get("engine_sha256"), "reference_sha256": ref_info["outputs_sha256"]}
 
     backend = backends.get(d.backend)
+    result["findings"] = backend.findings(d, build)
     runner = backend.load_runner(engine, d, threads=d.threads or threads)
     inputs = load_inputs(inputs_npz)
     log.info("validate %s/%s/%s: accuracy on %d images", device, model, precision, len(inputs))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.backends.base import Runner
-from kiln.backends.trt.cuda import CudaRuntime, _Buffer, capture_graph
+from kiln.backends.cuda import CudaRuntime, _Buffer, capture_graph
 from kiln.backends.trt.importer import LABELS, polygraphy_logs, polygraphy_trt
 from kiln.backends.trt.io import (
     TRT_STORAGE,
