@@ -1,7 +1,8 @@
-"""A preprocessed split as the `inputs` stage writes it (.npz), loaded, and run through an engine in batches.
+"""A preprocessed split as the `inputs` stage writes it (.npz), loaded, and run through an engine in batches;
+and decoded images preprocessed the same way (:func:`from_images`).
 
 Shared by the stages that read preprocessed inputs (reference, quantize, build's calibrator, validate,
-baseline): below all of them, so none imports another stage.
+baseline) and by kiln.runtime: below all of them, so none imports another stage.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.preprocess import letterbox, resize
 from kiln.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,31 @@ class Inputs:
         if spec.layout == "rtdetr":
             feeds["orig_target_sizes"] = self.orig_sizes[start:stop].astype(np.int64)
         return feeds
+
+
+def from_images(spec: ModelSpec, images: list) -> tuple[dict[str, np.ndarray], Inputs]:
+    """Model feeds for a batch of PIL RGB images, and what decoding needs to map boxes back.
+
+    The pixels are the inputs stage's (kiln.preprocess letterbox or resize, uint8) and the feeds
+    :meth:`Inputs.feeds`'s (float32 in [0, 1], NCHW; orig_target_sizes for RT-DETR).
+    """
+    arrays, ratios, pads = [], [], []
+    for img in images:
+        if spec.preprocess == "letterbox":
+            arr, r, pad = letterbox(img, spec.input_size)
+        else:
+            arr, r, pad = resize(img, spec.input_size), 1.0, (0.0, 0.0)
+        arrays.append(arr)
+        ratios.append(r)
+        pads.append(pad)
+    batch = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    sizes = np.array([img.size for img in images], dtype=np.int64)
+    meta = Inputs(images=np.empty((len(images), 0), dtype=np.uint8), image_ids=np.arange(len(images)),
+                  orig_sizes=sizes, ratios=np.array(ratios, dtype=np.float64), pads=np.array(pads, dtype=np.float64))
+    feeds = {"images": np.ascontiguousarray(batch)}
+    if spec.layout == "rtdetr":
+        feeds["orig_target_sizes"] = sizes.copy()
+    return feeds, meta
 
 
 def load(path: str | Path) -> Inputs:

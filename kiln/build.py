@@ -1,15 +1,21 @@
-"""Stage `build`: one engine per device x model x precision, through the device's backend."""
+"""Stage `build`: one engine per device x model x precision, through the device's backend.
+
+Its record (engine.json) also carries what running the engine needs besides the engine (``runtime``: the
+model's preprocessing, layout, I/O names, decode thresholds and class names, and the device profile its
+backend checks a host against), so an engine folder is self-contained for kiln.runtime.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
 from pathlib import Path
 
-from kiln import backends, integrity, paths
+from kiln import backends, coco, integrity, paths
 from kiln.errors import KilnError
-from kiln.specs import KilnConfig
+from kiln.specs import DeviceProfile, KilnConfig, ModelSpec
 from kiln.util import atomic_path, sha256, write_json
 
 log = logging.getLogger(__name__)
@@ -18,6 +24,37 @@ log = logging.getLogger(__name__)
 def params(cfg: KilnConfig, device: str) -> dict:
     """What shapes this device's engines, as plain values Snakemake tracks."""
     return backends.engine_params(cfg.devices[device], cfg.validation["batch_size"])
+
+
+# Device settings that neither shape an engine nor decide where it runs (the device's job list, its
+# timing and placement): left out of the record, so that editing them rebuilds nothing.
+NOT_RECORDED = ("precisions", "threads", "batch_sizes", "models", "cluster", "variants")
+
+
+def model_params(cfg: KilnConfig, model: str) -> dict:
+    """What of the model its engines' records carry (engine.json ``runtime``), as plain values Snakemake tracks."""
+    return runtime_model(cfg.models[model])
+
+
+def runtime_model(spec: ModelSpec) -> dict:
+    """The model as an application running its engine needs it: preprocessing, layout, I/O, decode."""
+    return {
+        "name": spec.name, "layout": spec.layout, "input_size": list(spec.input_size),
+        "preprocess": spec.preprocess, "dynamic_batch": spec.dynamic_batch, "dynamic_hw": spec.dynamic_hw,
+        "nms": spec.nms, "input_names": list(spec.input_names), "output_names": list(spec.output_names),
+        "decode": dict(spec.decode),
+    }
+
+
+def runtime_device(device: DeviceProfile) -> dict:
+    """The device profile as its backend checks a host against it and loads its engines (kiln.runtime)."""
+    return {k: v for k, v in dataclasses.asdict(device).items() if k not in NOT_RECORDED}
+
+
+def runtime_record(spec: ModelSpec, device: DeviceProfile, annotations: str | Path | None) -> dict:
+    """engine.json's ``runtime``: the model, its classes in label order (from the validation split), the device."""
+    return {"model": runtime_model(spec), "classes": coco.categories(annotations) if annotations else [],
+            "device": runtime_device(device)}
 
 
 def build_engine(
@@ -30,11 +67,13 @@ def build_engine(
     threads: int = 0,
     calib_npz: Path | None = None,
     engine_path: Path | None = None,
+    annotations: Path | None = None,
 ) -> dict:
     """Build and write the engine and its record; a model the backend rejects is recorded as failed.
 
     `engine_path` is where the rule wants the engine (a local copy under a storage provider); the
-    record names the engine by its artifact path either way.
+    record names the engine by its artifact path either way. `annotations` (the model's validation
+    split) gives the class names the record carries.
     """
     d = cfg.devices[device]
     backend = backends.get(d.backend)
@@ -49,6 +88,7 @@ def build_engine(
         "onnx": str(onnx_path), "onnx_sha256": sha256(onnx_path), "onnx_bytes": Path(onnx_path).stat().st_size,
         # Stamps let later checks trust an unchanged file without reading it (kiln/integrity.py).
         "onnx_stamp": integrity.stamp(onnx_path), "opset": d.opset,
+        "runtime": runtime_record(cfg.models[model], d, annotations),
     }
     log.info("build %s/%s/%s with %s %s", device, model, precision, d.backend, backend.version())
     t0 = time.perf_counter()
@@ -82,7 +122,7 @@ def run_rule(cfg, job) -> None:
     w = job.wildcards
     calib = job.input.calib[0] if job.input.calib else None
     info = build_engine(cfg, w.device, w.model, w.precision, job.input.onnx, job.output[0], job.threads,
-                        calib_npz=calib, engine_path=job.output.engine)
+                        calib_npz=calib, engine_path=job.output.engine, annotations=job.input.annotations)
     if info["status"] != "built":
         with atomic_path(job.output.engine):
             pass

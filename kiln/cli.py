@@ -19,11 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     from kiln import compare
 
     compare.add_command(sub)  # `kiln compare OLD NEW`
+    from kiln import predict
+
+    predict.add_command(sub)  # `kiln predict ENGINE_DIR INPUT... --out DIR`
     args = parser.parse_args(argv)
     if args.command in ("lock", "verify"):
         return lock.run_command(args)
     if args.command == "compare":
         return compare.run_command(args)
+    if args.command == "predict":
+        return predict.run_command(args)
 
     from kiln.config import load_file
     from kiln.workflow import buildable, runnable

@@ -14,3 +14,9 @@ def image_dir(annotations: str | Path) -> Path:
     annotations = Path(annotations)
     data = json.loads(annotations.read_text())
     return Path(data.get(IMAGE_DIR_KEY) or annotations.parent / "images")
+
+
+def categories(annotations: str | Path) -> list[dict]:
+    """A split's categories in label order (sorted by id, as kiln.metrics maps labels): {"id", "name"} each."""
+    cats = sorted(json.loads(Path(annotations).read_text())["categories"], key=lambda c: c["id"])
+    return [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats]

@@ -497,6 +497,14 @@ class Plan:
             return values[0]
         return lambda w: table[w.device]
 
+    def per_model(self, fn):
+        """`fn(model)` as a param: a constant where every model gives the same, else per job."""
+        table = {m: fn(m) for m in self.cfg.models}
+        values = list(table.values())
+        if values and all(v == values[0] for v in values):
+            return values[0]
+        return lambda w: table[w.model]
+
     def calibration_inputs(self):
         """The build rule's calibration input: the model's calib split where the device's backend
         calibrates this precision (an INT8 calibrator); [] for every job where none does."""

@@ -27,6 +27,7 @@ rule build:
     input:
         onnx=engine_source,
         calib=PLAN.calibration_inputs(),
+        annotations=lambda w: dataset_of(w.model, "val"),  # class names for engine.json's runtime
     output:
         P(paths.ENGINE_RECORD),
         # Declared, so it goes to storage with its record (README: Building on devices).
@@ -37,6 +38,7 @@ rule build:
         LOG("build", "{device}_{model}_{precision}"),
     params:
         spec=PLAN.per_device(lambda d: kiln_build.params(KILN, d)),
+        model=PLAN.per_model(lambda m: kiln_build.model_params(KILN, m)),  # engine.json's runtime
         code=PLAN.code("build"),
     threads: 2
     resources:

@@ -16,12 +16,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from kiln import latency
 from kiln.accuracy import detections
-from kiln.batches import Inputs
-from kiln.preprocess import letterbox, resize
+from kiln.batches import from_images
 from kiln.specs import ModelSpec
 
 
@@ -42,33 +39,12 @@ def load_images(annotations: str | Path, count: int) -> list:
     return out
 
 
-def preprocess(spec: ModelSpec, images: list) -> tuple[dict[str, np.ndarray], Inputs]:
-    """Model feeds for a batch of PIL images, and what decoding needs to map boxes back."""
-    arrays, ratios, pads = [], [], []
-    for img in images:
-        if spec.preprocess == "letterbox":
-            arr, r, pad = letterbox(img, spec.input_size)
-        else:
-            arr, r, pad = resize(img, spec.input_size), 1.0, (0.0, 0.0)
-        arrays.append(arr)
-        ratios.append(r)
-        pads.append(pad)
-    batch = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    sizes = np.array([img.size for img in images], dtype=np.int64)
-    meta = Inputs(images=np.empty((len(images), 0), dtype=np.uint8), image_ids=np.arange(len(images)),
-                  orig_sizes=sizes, ratios=np.array(ratios, dtype=np.float64), pads=np.array(pads, dtype=np.float64))
-    feeds = {"images": np.ascontiguousarray(batch)}
-    if spec.layout == "rtdetr":
-        feeds["orig_target_sizes"] = sizes.copy()
-    return feeds, meta
-
-
 def make_step(spec: ModelSpec, infer: Callable[[dict], dict], images: list,
               mark: Callable[[str], None] = lambda name: None) -> Callable[[], list[dict]]:
     """One end-to-end query over `images`: preprocess, mark, infer, mark, decode, mark."""
 
     def step() -> list[dict]:
-        feeds, meta = preprocess(spec, images)
+        feeds, meta = from_images(spec, images)
         mark("preprocess")
         outputs = infer(feeds)
         mark("engine")
