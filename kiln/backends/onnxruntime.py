@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.backends.base import Backend, Runner
+from kiln.backends.base import Backend, Runner, ServeFormat
 from kiln.errors import KilnError
 
 NAME = "onnxruntime"
@@ -222,3 +222,7 @@ class OnnxRuntime(Backend):
 
     def load_runner(self, engine_path: Path, device, threads: int = 0) -> OrtRunner:
         return load_runner(engine_path, device, threads)
+
+    def serve_format(self, device) -> ServeFormat:
+        """Triton's ONNX Runtime backend loads the optimized model; DeepStream builds from the ONNX variant."""
+        return ServeFormat(triton_platform="onnxruntime_onnx", triton_file="model.onnx", engine_is_onnx=True)
