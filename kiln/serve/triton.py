@@ -184,6 +184,14 @@ def _kiln_on_path():
         sys.path.insert(0, root)
 
 
+def _quiet_dlpack_capsules(unraisable, _default=sys.unraisablehook):
+    # The stub renames a consumed capsule "used_dlpack", numpy 2 expects "used_dltensor": numpy's
+    # destructor then reports a harmless ValueError per output tensor.
+    if isinstance(unraisable.exc_value, ValueError) and "PyCapsule_GetPointer" in str(unraisable.exc_value):
+        return
+    _default(unraisable)
+
+
 def _to_numpy(tensor):
     # DLPack, not Tensor.as_numpy(): the stub's pybind11 predates numpy 2, whose as_numpy() data is wrong.
     return np.from_dlpack(tensor)
@@ -196,6 +204,7 @@ def _to_triton(name, array):
 
 class TritonPythonModel:
     def initialize(self, args):
+        sys.unraisablehook = _quiet_dlpack_capsules
         _kiln_on_path()
         from kiln.runtime import Detector
 
