@@ -33,6 +33,7 @@ include: "rules/precision.smk"
 include: "rules/engines.smk"
 include: "rules/baseline.smk"
 include: "rules/diagnose.smk"
+include: "rules/serve.smk"
 include: "rules/report.smk"
 
 
@@ -42,4 +43,5 @@ rule all:
         page_targets(),
         # Also as targets, so that one gone (a failed job's, a deleted one) is made again (README).
         made_here_targets(),
+        serve_targets(),
     default_target: True

@@ -28,6 +28,9 @@ VALIDATION = "{results}/validation/{device}/{model}/{precision}/validation.json"
 # A failed build's smallest failing subgraph (kiln/diagnose.py; reduced.onnx lies beside it).
 DIAGNOSIS = "{results}/diagnosis/{device}/{model}/{precision}/diagnosis.json"
 PICTURE = "{results}/validation/{device}/{model}/{precision}/detections_{image_id}.png"
+# A device's serving configs (kiln/serve/): a Triton model repository and DeepStream nvinfer configs.
+SERVE_TRITON = "{results}/serve/{device}/triton"
+SERVE_DEEPSTREAM = "{results}/serve/{device}/deepstream"
 BASELINE = "{results}/baseline/{device}/{model}.json"
 SUMMARY_JSON = "{results}/report/summary.json"
 SUMMARY_CSV = "{results}/report/summary.csv"

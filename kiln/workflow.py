@@ -24,6 +24,7 @@ STAGES = {
     "surgery": "kiln.surgery", "precision": "kiln.precision.cast", "quantize": "kiln.precision.quantize",
     "reference": "kiln.reference", "build": "kiln.build", "baseline": "kiln.baseline",
     "validate": "kiln.validate", "diagnose": "kiln.diagnose", "summary": "kiln.summary", "page": "kiln.report.page",
+    "serve": "kiln.serve",
 }
 # Per-device rules, and the rule whose placement each shares on a cluster.
 DEVICE_RULES = {"build": "build", "validate": "validate", "baseline": "validate", "diagnose": "build"}
@@ -248,6 +249,7 @@ RULE_RESOURCES = {
     "validate": {"mem_mb": 16000, "runtime": 60},
     "summary": {"mem_mb": 2000, "runtime": 10},
     "page": {"mem_mb": 2000, "runtime": 10},
+    "serve": {"mem_mb": 4000, "runtime": 20},  # copies engines (hard links where it can) and writes text
 }
 
 

@@ -8,7 +8,8 @@ from kiln import paths, workflow as kiln_workflow
 from kiln import baseline as kiln_baseline, build as kiln_build, dataset as kiln_dataset
 from kiln import diagnose as kiln_diagnose, export as kiln_export, inputs as kiln_inputs
 from kiln import precision as kiln_precision, reference as kiln_reference, simplify as kiln_simplify
-from kiln import summary as kiln_summary, surgery as kiln_surgery, validate as kiln_validate
+from kiln import serve as kiln_serve, summary as kiln_summary, surgery as kiln_surgery
+from kiln import validate as kiln_validate
 
 # The host plan, once: the checked config, this host's devices (build, run), gather/cluster switches,
 # code fingerprints and resources of every job, from kiln/workflow.py Plan (README, Building on devices).
@@ -44,6 +45,11 @@ def gathered(wildcards):
 def diagnosis_targets():
     """One diagnosis per job of a device whose backend diagnoses failed builds (rules/diagnose.smk)."""
     return kiln_diagnose.targets(KILN, PLAN.can_build)
+
+
+def serve_targets():
+    """Triton repository and DeepStream configs of every device whose engines this run builds (rules/serve.smk)."""
+    return kiln_serve.targets(KILN, PLAN.can_build)
 
 
 def made_here_targets():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -60,6 +61,24 @@ class Runner(ABC):
     def close(self) -> None:
         """Release the engine, its contexts and device memory (nothing to release by default)."""
         return None
+
+
+@dataclass(frozen=True)
+class ServeFormat:
+    """How a backend's engine file is served (stage serve, kiln/serve/).
+
+    ``triton_platform``: the platform of Triton's native backend that loads the engine file
+    (``tensorrt_plan``, ``onnxruntime_onnx``), None where Triton has none; ``triton_file``: its
+    name in the model's version folder. ``engine_is_onnx``: the engine file is an ONNX graph
+    (its inputs and outputs are read from it; else from the ONNX it was built from).
+    ``nvinfer_engine``: DeepStream's nvinfer loads the engine file itself (``model-engine-file``);
+    else it builds its own engine from the ONNX (``onnx-file``).
+    """
+
+    triton_platform: str | None = None
+    triton_file: str = "model.engine"
+    engine_is_onnx: bool = False
+    nvinfer_engine: bool = False
 
 
 class Backend(ABC):
@@ -158,3 +177,9 @@ class Backend(ABC):
     def latency_tool_name(self) -> str | None:
         """The name of that tool (for "not on PATH" notes), or None."""
         return None
+
+    # ------------------------------------------------------------------ serving
+
+    def serve_format(self, device) -> ServeFormat:
+        """How Triton and DeepStream take this backend's engines (default: neither loads the file itself)."""
+        return ServeFormat()

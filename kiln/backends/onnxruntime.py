@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.backends.base import Backend, Runner
+from kiln.backends.base import Backend, Runner, ServeFormat
 from kiln.errors import KilnError
 
 NAME = "onnxruntime"
@@ -261,3 +261,7 @@ class OnnxRuntime(Backend):
 
         found = cpu_fallback(build.get("ops_out"))
         return [found["finding"]] if found else []
+
+    def serve_format(self, device) -> ServeFormat:
+        """Triton's ONNX Runtime backend loads the optimized model; DeepStream builds from the ONNX variant."""
+        return ServeFormat(triton_platform="onnxruntime_onnx", triton_file="model.onnx", engine_is_onnx=True)

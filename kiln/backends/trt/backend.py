@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln.backends.base import Backend
+from kiln.backends.base import Backend, ServeFormat
 from kiln.backends.trt import builder
 from kiln.backends.trt import ops as trt_ops
 
@@ -45,6 +45,10 @@ class TrtBackend(Backend):
         used = trtexec.Settings(**{**settings, "cuda_graph": settings["cuda_graph"] and not runner.graph_note})
         return trtexec.run(exe, str(runner.engine_path), shapes, used, flavor=self.parser_flavor,
                            profile=runner.profile)
+
+    def serve_format(self, device) -> ServeFormat:
+        """A plan file: Triton's TensorRT backend and DeepStream's nvinfer load it as it is."""
+        return ServeFormat(triton_platform="tensorrt_plan", triton_file="model.plan", nvinfer_engine=True)
 
     def diagnose(self, onnx_path: Path, device, precision: str, out: Path, spec=None) -> dict[str, Any]:
         from kiln.backends.trt import diagnose
