@@ -169,11 +169,6 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
         from kiln.sources import check_model
 
         check_model(name, m, base, check_paths, packages, folders)
-        if m["calibration"]["images"] > datasets[m["dataset"]].calib_count:
-            raise KilnError(
-                f"config: 'models.{name}.calibration.images' is {m['calibration']['images']} but dataset "
-                f"'{m['dataset']}' has calib.count {datasets[m['dataset']].calib_count}: lower one or raise the other"
-            )
         models[name] = ModelSpec(
             name=name,
             source=m["source"],
@@ -252,6 +247,7 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
                     )
         devices[name] = device
 
+    _check_calibration(models, datasets, devices)
     return KilnConfig(
         results=data["results"].rstrip("/"),
         datasets=datasets,
@@ -260,6 +256,27 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
         validation=data["validation"],
         raw=data,
     )
+
+
+def _check_calibration(models: dict, datasets: dict, devices: dict) -> None:
+    """``calibration.images`` fits the calibration split, for the models something calibrates.
+
+    Calibration is used by ModelOpt's Q/DQ variants (int8, fp8) and by a backend's own calibrator
+    (``needs_calibration``: TensorRT's INT8 calibrator, "best"); a model no device builds so never
+    reads the split, and its setting is not checked.
+    """
+    from kiln import backends
+
+    for name, spec in models.items():
+        users = [f"{d.name}/{p}" for d in devices.values() if name in d.models for p in d.precisions
+                 if d.variant_of(p) in ("int8", "fp8") or backends.get(d.backend).needs_calibration(d, p)]
+        have = datasets[spec.dataset].calib_count
+        if users and spec.calibration["images"] > have:
+            raise KilnError(
+                f"config: 'models.{name}.calibration.images' is {spec.calibration['images']} but dataset "
+                f"'{spec.dataset}' has calib.count {have} (calibrated for {', '.join(users)}): lower one or "
+                f"raise the other"
+            )
 
 
 def load_file(path: str | Path, base: str | Path | None = None, check_paths: bool = True) -> KilnConfig:
