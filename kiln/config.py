@@ -15,6 +15,10 @@ from kiln.specs import PRECISIONS, DatasetSpec, DeviceProfile, KilnConfig, Model
 __all__ = ["PRECISIONS", "DatasetSpec", "DeviceProfile", "KilnConfig", "ModelSpec", "load", "load_file", "read_yaml"]
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+# Defaults that follow the source framework where its own differ from the schema's (docs/config.md):
+# Ultralytics' preprocessing (cv2 INTER_LINEAR letterbox, kiln.preprocess) and its validator's NMS IoU
+# (ultralytics/cfg/default.yaml: iou 0.7; conf 0.001 and max_det 300 are the schema's too).
+SOURCE_DEFAULTS = {"ultralytics": {"resize_backend": "cv2", "decode": {"iou_threshold": 0.7}}}
 NAME_HINT = "use letters, digits, '_' and '-', starting with a letter (names become file paths)"
 
 
@@ -180,11 +184,13 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
             dataset=m["dataset"],
             input_size=tuple(m["input_size"]),
             preprocess=m.get("preprocess") or ("resize" if m["layout"] in ("rtdetr", "ultralytics_rtdetr") else "letterbox"),
+            resize_backend=m.get("resize_backend") or SOURCE_DEFAULTS.get(m["source"], {}).get("resize_backend", "pil"),
             dynamic_batch=m["dynamic_batch"],
             dynamic_hw=m["dynamic_hw"],
             surgery=tuple(m["surgery"]),
             simplify=m["simplify"],
-            decode=dict(m["decode"]),
+            decode={**m["decode"], **{k: v for k, v in SOURCE_DEFAULTS.get(m["source"], {}).get("decode", {}).items()
+                                      if k not in (raw["models"][name].get("decode") or {})}},
             calibration=dict(m["calibration"]),
             trust_checkpoint=m["trust_checkpoint"],
             ultralytics_yaml=m.get("ultralytics_yaml"),

@@ -21,7 +21,7 @@ import numpy as np
 from kiln import latency
 from kiln.accuracy import detections
 from kiln.batches import Inputs
-from kiln.preprocess import letterbox, resize
+from kiln.preprocess import prepare
 from kiln.specs import ModelSpec
 
 
@@ -46,10 +46,7 @@ def preprocess(spec: ModelSpec, images: list) -> tuple[dict[str, np.ndarray], In
     """Model feeds for a batch of PIL images, and what decoding needs to map boxes back."""
     arrays, ratios, pads = [], [], []
     for img in images:
-        if spec.preprocess == "letterbox":
-            arr, r, pad = letterbox(img, spec.input_size)
-        else:
-            arr, r, pad = resize(img, spec.input_size), 1.0, (0.0, 0.0)
+        arr, r, pad = prepare(spec, img)
         arrays.append(arr)
         ratios.append(r)
         pads.append(pad)
