@@ -76,10 +76,10 @@ def pure_torch_nms() -> None:
     sys.modules["torchvision"] = stand_in
 
 
-def validate(weights: Path, data: Path, **settings) -> dict:
+def validate(weights: Path, data: Path, device: str, **settings) -> dict:
     from ultralytics import YOLO
 
-    m = YOLO(str(weights)).val(data=str(data), imgsz=IMGSZ, batch=16, device="cpu", plots=False, verbose=False,
+    m = YOLO(str(weights)).val(data=str(data), imgsz=IMGSZ, batch=16, device=device, plots=False, verbose=False,
                                workers=0, **VAL_SETTINGS, **settings)
     return {"map50_95": round(float(m.box.map), 6), "map50": round(float(m.box.map50), 6)}
 
@@ -88,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--out", default="models/ultralytics_demo.pt")
+    ap.add_argument("--device", default="cpu", help="cpu, or a CUDA device index such as 0")
     args = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "0")
@@ -106,22 +107,23 @@ def main() -> None:
         data.write_text(json.dumps({"path": str(root), "train": "train/images", "val": "val/images",
                                     "names": {0: "circle", 1: "square", 2: "triangle"}}))
         model = YOLO("yolov8n.yaml")  # Ultralytics' own YAML, random init (nothing downloaded)
-        model.train(data=str(data), epochs=args.epochs, imgsz=IMGSZ, batch=16, device="cpu", workers=0,
+        model.train(data=str(data), epochs=args.epochs, imgsz=IMGSZ, batch=16, device=args.device, workers=0,
                     seed=SEED, deterministic=True, plots=False, val=False, amp=False, project=str(root / "runs"),
                     name="train", exist_ok=True, verbose=False)
         best = root / "runs" / "train" / "weights" / "last.pt"
         figures = {
             "ultralytics": ultralytics.__version__,
             "torch": torch.__version__,
+            "device": args.device,
             "trained": {"model": "yolov8n.yaml", "nc": 3, "epochs": args.epochs, "imgsz": IMGSZ, "batch": 16,
                         "seed": SEED, "train": f"kiln.demo.shapes split 'train' seed {SEED}, {TRAIN_COUNT} images"},
             "val_images": f"kiln.demo.shapes split 'val' seed {SEED}, image_size {IMGSZ}: the first {VAL_COUNT}",
             "val_count": VAL_COUNT,
             "settings": {**VAL_SETTINGS, "imgsz": IMGSZ},
             # model.val()'s default: rectangular batches letterboxed to a stride multiple with pad 0.5 (288 px here).
-            "validator_rect": validate(best, data),
+            "validator_rect": validate(best, data, args.device),
             # Square letterbox at imgsz, as Kiln's inputs stage does: the same settings as Kiln's.
-            "validator_square": validate(best, data, rect=False),
+            "validator_square": validate(best, data, args.device, rect=False),
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(best, out)
