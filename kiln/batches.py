@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.preprocess import letterbox, resize
+from kiln.preprocess import prepare
 from kiln.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,7 @@ def from_images(spec: ModelSpec, images: list) -> tuple[dict[str, np.ndarray], I
     """
     arrays, ratios, pads = [], [], []
     for img in images:
-        if spec.preprocess == "letterbox":
-            arr, r, pad = letterbox(img, spec.input_size)
-        else:
-            arr, r, pad = resize(img, spec.input_size), 1.0, (0.0, 0.0)
+        arr, r, pad = prepare(spec, img)
         arrays.append(arr)
         ratios.append(r)
         pads.append(pad)

@@ -40,8 +40,8 @@ def runtime_model(spec: ModelSpec) -> dict:
     """The model as an application running its engine needs it: preprocessing, layout, I/O, decode."""
     return {
         "name": spec.name, "layout": spec.layout, "input_size": list(spec.input_size),
-        "preprocess": spec.preprocess, "dynamic_batch": spec.dynamic_batch, "dynamic_hw": spec.dynamic_hw,
-        "nms": spec.nms, "input_names": list(spec.input_names), "output_names": list(spec.output_names),
+        "preprocess": spec.preprocess, "resize_backend": spec.resize_backend,
+        "dynamic_batch": spec.dynamic_batch, "dynamic_hw": spec.dynamic_hw, "nms": spec.nms, "input_names": list(spec.input_names), "output_names": list(spec.output_names),
         "decode": dict(spec.decode),
     }
 

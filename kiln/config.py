@@ -15,6 +15,10 @@ from kiln.specs import PRECISIONS, DatasetSpec, DeviceProfile, KilnConfig, Model
 __all__ = ["PRECISIONS", "DatasetSpec", "DeviceProfile", "KilnConfig", "ModelSpec", "load", "load_file", "read_yaml"]
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+# Defaults that follow the source framework where its own differ from the schema's (docs/config.md):
+# Ultralytics' preprocessing (cv2 INTER_LINEAR letterbox, kiln.preprocess) and its validator's NMS IoU
+# (ultralytics/cfg/default.yaml: iou 0.7; conf 0.001 and max_det 300 are the schema's too).
+SOURCE_DEFAULTS = {"ultralytics": {"resize_backend": "cv2", "decode": {"iou_threshold": 0.7}}}
 NAME_HINT = "use letters, digits, '_' and '-', starting with a letter (names become file paths)"
 
 
@@ -169,11 +173,6 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
         from kiln.sources import check_model
 
         check_model(name, m, base, check_paths, packages, folders)
-        if m["calibration"]["images"] > datasets[m["dataset"]].calib_count:
-            raise KilnError(
-                f"config: 'models.{name}.calibration.images' is {m['calibration']['images']} but dataset "
-                f"'{m['dataset']}' has calib.count {datasets[m['dataset']].calib_count}: lower one or raise the other"
-            )
         models[name] = ModelSpec(
             name=name,
             source=m["source"],
@@ -185,11 +184,13 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
             dataset=m["dataset"],
             input_size=tuple(m["input_size"]),
             preprocess=m.get("preprocess") or ("resize" if m["layout"] in ("rtdetr", "ultralytics_rtdetr") else "letterbox"),
+            resize_backend=m.get("resize_backend") or SOURCE_DEFAULTS.get(m["source"], {}).get("resize_backend", "pil"),
             dynamic_batch=m["dynamic_batch"],
             dynamic_hw=m["dynamic_hw"],
             surgery=tuple(m["surgery"]),
             simplify=m["simplify"],
-            decode=dict(m["decode"]),
+            decode={**m["decode"], **{k: v for k, v in SOURCE_DEFAULTS.get(m["source"], {}).get("decode", {}).items()
+                                      if k not in (raw["models"][name].get("decode") or {})}},
             calibration=dict(m["calibration"]),
             trust_checkpoint=m["trust_checkpoint"],
             ultralytics_yaml=m.get("ultralytics_yaml"),
@@ -252,6 +253,7 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
                     )
         devices[name] = device
 
+    _check_calibration(models, datasets, devices)
     return KilnConfig(
         results=data["results"].rstrip("/"),
         datasets=datasets,
@@ -260,6 +262,27 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
         validation=data["validation"],
         raw=data,
     )
+
+
+def _check_calibration(models: dict, datasets: dict, devices: dict) -> None:
+    """``calibration.images`` fits the calibration split, for the models something calibrates.
+
+    Calibration is used by ModelOpt's Q/DQ variants (int8, fp8) and by a backend's own calibrator
+    (``needs_calibration``: TensorRT's INT8 calibrator, "best"); a model no device builds so never
+    reads the split, and its setting is not checked.
+    """
+    from kiln import backends
+
+    for name, spec in models.items():
+        users = [f"{d.name}/{p}" for d in devices.values() if name in d.models for p in d.precisions
+                 if d.variant_of(p) in ("int8", "fp8") or backends.get(d.backend).needs_calibration(d, p)]
+        have = datasets[spec.dataset].calib_count
+        if users and spec.calibration["images"] > have:
+            raise KilnError(
+                f"config: 'models.{name}.calibration.images' is {spec.calibration['images']} but dataset "
+                f"'{spec.dataset}' has calib.count {have} (calibrated for {', '.join(users)}): lower one or "
+                f"raise the other"
+            )
 
 
 def load_file(path: str | Path, base: str | Path | None = None, check_paths: bool = True) -> KilnConfig:

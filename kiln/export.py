@@ -68,6 +68,31 @@ def export_onnx(spec: ModelSpec, opset: int, out: str | Path) -> dict:
     return {**record, "cpu_independent": pinned}
 
 
+def metadata(spec: ModelSpec, module) -> dict[str, str]:
+    """The ONNX's metadata_props, as Ultralytics' exporter writes them: each value ``str()`` of a Python literal.
+
+    task, imgsz ([h, w]) and Kiln's layout always; stride and class names where the source knows them
+    (an Ultralytics checkpoint: its ``model.names``; a torch factory's module: its ``stride`` and
+    ``names`` attributes, if it has them). Nothing that varies between two exports of the same model
+    (no date, path or version), so the bytes stay reproducible.
+    """
+    known = dict(getattr(module, "kiln_metadata", None) or {})
+    for key in ("stride", "names"):
+        if key not in known and getattr(module, key, None) is not None:
+            known[key] = getattr(module, key)
+    if isinstance(known.get("stride"), (list, tuple)) or hasattr(known.get("stride"), "tolist"):
+        stride = known["stride"]
+        known["stride"] = int(max(stride.tolist() if hasattr(stride, "tolist") else stride))
+    if isinstance(known.get("names"), (list, tuple)):
+        known["names"] = dict(enumerate(known["names"]))
+    out = {"task": known.get("task", "detect"), "imgsz": [int(v) for v in spec.input_size], "layout": spec.layout}
+    if known.get("stride") is not None:
+        out["stride"] = int(known["stride"])
+    if known.get("names"):
+        out["names"] = {int(k): str(v) for k, v in known["names"].items()}
+    return {k: str(v) for k, v in sorted(out.items())}
+
+
 def _export(spec: ModelSpec, opset: int, out: str | Path) -> dict:
     import onnx
     import torch
@@ -89,6 +114,10 @@ def _export(spec: ModelSpec, opset: int, out: str | Path) -> dict:
                 dynamo=False,  # the TorchScript exporter gives stable bytes and honours opset exactly
             )
         model = onnx.load(str(tmp))
+        meta = metadata(spec, module)
+        for key, value in meta.items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(tmp))
         try:
             onnx.checker.check_model(model, full_check=True)
         except onnx.checker.ValidationError as err:
@@ -102,7 +131,7 @@ def _export(spec: ModelSpec, opset: int, out: str | Path) -> dict:
                 f"check 'models.{spec.name}.layout' and the factory's forward()"
             )
     log.info("export %s: %d nodes written to %s", spec.name, len(model.graph.node), out)
-    return {"nodes": len(model.graph.node), "opset": opset}
+    return {"nodes": len(model.graph.node), "opset": opset, "metadata": meta}
 
 
 def run_rule(cfg, job) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from kiln.coco import image_dir
 from kiln.errors import KilnError
-from kiln.preprocess import letterbox, resize
+from kiln.preprocess import prepare
 from kiln.specs import ModelSpec
 from kiln.util import atomic_path
 
@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 def params(cfg, model: str, split: str) -> dict:
     m = cfg.models[model]
     count = m.calibration["images"] if split == "calib" else cfg.datasets[m.dataset].val_count
-    return {"input_size": list(m.input_size), "preprocess": m.preprocess, "count": count}
+    out = {"input_size": list(m.input_size), "preprocess": m.preprocess, "count": count}
+    if m.resize_backend != "pil":  # PIL's params as before the key existed: its inputs are not remade
+        out["resize_backend"] = m.resize_backend
+    return out
 
 
 def preprocess_split(spec: ModelSpec, annotations: str | Path, count: int, out: str | Path) -> Path:
@@ -44,11 +47,7 @@ def preprocess_split(spec: ModelSpec, annotations: str | Path, count: int, out: 
                 rgb = raw.convert("RGB")
         except OSError as err:
             raise KilnError(f"image '{path}' cannot be read ({err}): replace or remove it") from None
-        if spec.preprocess == "letterbox":
-            arr, r, pad = letterbox(rgb, spec.input_size)
-        else:
-            arr = resize(rgb, spec.input_size)
-            r, pad = 1.0, (0.0, 0.0)
+        arr, r, pad = prepare(spec, rgb)
         pixels.append(arr.transpose(2, 0, 1))
         ids.append(im["id"])
         sizes.append((rgb.width, rgb.height))

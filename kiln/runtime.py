@@ -103,7 +103,7 @@ def model_spec(runtime: dict) -> ModelSpec:
         name=m["name"], source="engine", factory=None, factory_args={}, checkpoint="", layout=m["layout"],
         dataset="", input_size=tuple(m["input_size"]), preprocess=m["preprocess"],
         dynamic_batch=bool(m["dynamic_batch"]), dynamic_hw=bool(m["dynamic_hw"]), surgery=(), simplify=False,
-        decode=dict(m["decode"]), calibration={}, nms=m["nms"],
+        decode=dict(m["decode"]), calibration={}, nms=m["nms"], resize_backend=m.get("resize_backend", "pil"),
     )
 
 

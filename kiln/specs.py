@@ -48,6 +48,7 @@ class ModelSpec:
     ultralytics_yaml: str | None = None
     rtdetr_repo: str | None = None
     rtdetr_config: str | None = None
+    resize_backend: str = "pil"  # pil or cv2 (OpenCV INTER_LINEAR, as Ultralytics): kiln.preprocess
     nms: str = "none"  # NMS appended to a yolo-layout graph by the surgery stage: none, onnx, efficient
     # Where a torch factory's code may come from (trusted_factories): package names, absolute folders.
     trusted_packages: tuple[str, ...] = ("kiln.demo.models",)

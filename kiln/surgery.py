@@ -419,6 +419,7 @@ def run_passes(src: str | Path, dst: str | Path, record: str | Path, passes: lis
     del out.opset_import[:]
     out.opset_import.extend(opset)
     out.ir_version = model.ir_version
+    out.metadata_props.extend(model.metadata_props)  # names, stride, imgsz, layout (kiln.export): graphsurgeon drops them
     if "infer_shapes" in passes:
         out = onnx.shape_inference.infer_shapes(out, strict_mode=False, data_prop=True)
         steps.append({"pass": "infer_shapes", "value_infos": len(out.graph.value_info)})

@@ -147,3 +147,16 @@ def test_fraction_gates_are_bounded(config_dict, key, value):
         load(config_dict, check_paths=False)
     bound = "greater than the maximum of 1" if value > 1 else "less than the minimum of 0"
     assert str(err.value) == f"config: 'validation.thresholds.int8.{key}': {value} is {bound}"
+
+
+def test_calibration_images_checked_only_where_calibration_is_used(config_dict):
+    """No device builds int8 or fp8 (nor calibrates): calibration.images may exceed the calib split."""
+    config_dict["models"]["yolo_demo"]["calibration"]["images"] = 100
+    for device in config_dict["devices"].values():
+        device["precisions"] = [p for p in device["precisions"] if p not in ("int8", "fp8")]
+    assert load(config_dict, check_paths=False).models["yolo_demo"].calibration["images"] == 100
+    # One device that quantizes it again: refused, naming what calibrates.
+    config_dict["devices"]["cpu"]["precisions"].append("int8")
+    with pytest.raises(KilnError, match=r"^config: 'models.yolo_demo.calibration.images' is 100 but dataset 'demo' "
+                                        r"has calib.count 8 \(calibrated for cpu/int8\): lower one or raise the other$"):
+        load(config_dict, check_paths=False)

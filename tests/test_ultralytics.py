@@ -344,3 +344,32 @@ def test_checkpoint_needs_trust_and_loads_with_it(root, checkpoint, cfg):
         bad = copy.deepcopy(raw)
         bad["models"]["det"]["layout"] = "ultralytics_rtdetr"
         export.build_module(load(bad, base=root).models["det"])
+
+
+@pytest.mark.parametrize("name", ["yolov8n", "yolo11n"])
+def test_export_has_ultralytics_own_graph(root, cfg, name, tmp_path, monkeypatch):
+    """Kiln's ONNX has the nodes of Ultralytics' own ``export(format="onnx")`` (unsimplified, same opset and size).
+
+    YOLO11's C3k2 subclasses C2f: the exporter's ``isinstance(m, C2f)`` gives it ``forward_split`` too
+    (a name check left YOLO11n with extra Shape/Gather/Slice nodes). Both from the YAML with 80 classes.
+    """
+    from ultralytics import YOLO
+
+    monkeypatch.chdir(tmp_path)  # Ultralytics writes NAME.onnx into the working folder
+    torch.manual_seed(0)
+    theirs = onnx.load(YOLO(str(root / f"{name}.yaml")).export(format="onnx", imgsz=SIZES[name], opset=17,
+                                                                simplify=False, dynamic=False, verbose=False))
+    import dataclasses
+
+    spec = dataclasses.replace(cfg.models[name], factory_args={}, dynamic_batch=False)
+    export.export_onnx(spec, 17, tmp_path / "kiln.onnx")
+    ours = onnx.load(str(tmp_path / "kiln.onnx"))
+
+    def ops(m):
+        return sorted(n.op_type for n in m.graph.node)
+
+    assert ops(ours) == ops(theirs)
+    meta = {p.key: p.value for p in ours.metadata_props}
+    want = {p.key: p.value for p in theirs.metadata_props}
+    assert {k: meta[k] for k in ("stride", "task", "imgsz", "names")} == {k: want[k] for k in ("stride", "task", "imgsz", "names")}
+    assert meta["layout"] == "yolo"

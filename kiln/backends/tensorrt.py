@@ -101,7 +101,8 @@ def check_device(device) -> list[str]:
     if max_opset is not None:
         if device.opset > max_opset:
             problems.append(f"'opset' {device.opset} is above what TensorRT {lo_s}'s ONNX parser supports "
-                            f"({max_opset}): set 'opset: {max_opset}' or lower")
+                            f"({max_opset}): set 'opset: {max_opset}' or lower (docs/models.md: what TensorRT "
+                            f"8.5's parser takes)")
         for p in device.precisions:
             src = source_precision(p, device)
             need = VARIANT_MIN_OPSET.get(src) if src != "fp32" else None

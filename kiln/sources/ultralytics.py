@@ -4,7 +4,8 @@ The model is put in Ultralytics' own export mode, as its exporter (``ultralytics
 ``Exporter.__call__``) does before ``torch.onnx.export``: parameters frozen, ``eval()``, ``float()``,
 ``fuse()`` (Conv+BatchNorm folding, RepConv re-parameterisation), and on the head (``Detect`` or
 ``RTDETRDecoder``) ``export = True``, ``format = "onnx"``, ``dynamic``, ``max_det``, ``xyxy = False``
-and a reset anchor cache; C2f blocks use their ``forward_split``. End-to-end heads (``end2end``) are
+and a reset anchor cache; every C2f block, subclasses included (YOLO11's C3k2, C2fPSA, C2fCIB), uses
+its ``forward_split``, as the exporter's ``isinstance(m, C2f)`` does for ONNX. End-to-end heads (``end2end``) are
 switched to their one-to-many branch, so every model gives Kiln's raw layouts:
 
 * ``yolo``: ``output0`` (B, 4 + nc, A): cx, cy, w, h in input pixels, then class scores;
@@ -38,10 +39,10 @@ def _import():
     try:
         import ultralytics
         from ultralytics.nn import tasks
-        from ultralytics.nn.modules import head
+        from ultralytics.nn.modules import block, head
     except ImportError as err:
         raise KilnError(f"source ultralytics needs the ultralytics package ({err}): {INSTALL_HINT}") from None
-    return ultralytics, tasks, head
+    return ultralytics, tasks, head, block
 
 
 def params(spec) -> dict:
@@ -114,7 +115,7 @@ def build_module(spec):
     """The Ultralytics model in export mode (see the module docstring), wrapped for tracing."""
     import torch
 
-    _, tasks, head = _import()
+    _, tasks, head, block = _import()
     model = _from_yaml(spec, tasks) if spec.ultralytics_yaml else _from_checkpoint(spec, tasks)
     last = getattr(model, "model", [None])[-1]
     is_rtdetr = isinstance(last, head.RTDETRDecoder)
@@ -147,8 +148,12 @@ def build_module(spec):
             m.agnostic_nms = False
             m.xyxy = False
             m.shape = None
-        elif type(m).__name__ == "C2f" and hasattr(m, "forward_split"):
+        elif isinstance(m, block.C2f):  # C3k2, C2fPSA, C2fCIB too: Split instead of Chunk + Slice nodes
             m.forward = m.forward_split
     with torch.no_grad():
         model(torch.zeros(1, 3, h, w))  # dry run, as the exporter does (builds anchor caches)
-    return wrap(model, spec.layout, last)
+    wrapped = wrap(model, spec.layout, last)
+    # What the exporter writes into the ONNX's metadata_props and the checkpoint knows (kiln.export).
+    wrapped.kiln_metadata = {"stride": int(max(model.stride)), "task": getattr(model, "task", "detect"),
+                             "names": {int(k): str(v) for k, v in dict(model.names).items()}}
+    return wrapped

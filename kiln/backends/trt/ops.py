@@ -29,7 +29,9 @@ TENSORRT = "tensorrt"
 TENSORRT_RTX = "tensorrt-rtx"
 LABELS = {TENSORRT: "TensorRT", TENSORRT_RTX: "TensorRT-RTX"}
 
-# Highest ONNX opset each parser documents, keyed by the first version that documented it.
+# Highest ONNX opset each parser documents, keyed by the first version that documented it. TensorRT 8.5:
+# opset 17, but no LayerNormalization op (OP_RULES; stated once for users in docs/models.md, "What
+# TensorRT 8.5's parser takes").
 # tensorrt: onnx-tensorrt docs/operators.md per release branch ("TensorRT 8.5/8.6 supports operators up to
 # Opset 17", "TensorRT 10.0 ... opset 9 to opset 20", "TensorRT 10.15 ... opset 9 to opset 24") and the
 # TensorRT 11.x ONNX Opset Guide ("Maximum opset 25"); releases between 10.0 and 10.15 are held to 20, the
@@ -193,7 +195,7 @@ def hint(flavor: str, version: str | tuple | None, op_type: str, node: str = "",
     who = label(flavor, version)
     rule = RULES_BY_OP.get(op_type)
     if rule is None:
-        return (f"{where} is rejected by {who}, which Kiln's op table (kiln/trt_ops.py) does not list: replace it "
+        return (f"{where} is rejected by {who}, which Kiln's op table (kiln/backends/trt/ops.py) does not list: replace it "
                 f"in the model or with a surgery pass, or build this model for another device")
     fixes = []
     if rule.advice and not (rule.op_type == "LayerNormalization" and opset is not None and opset < 17):
