@@ -6,6 +6,7 @@ STAMP := $(VENV)/.kiln-installed
 # TensorRT 10 type stubs, kept out of site-packages: an importable empty `tensorrt` package there
 # would make ModelOpt believe TensorRT is installed. Tests check Kiln's TensorRT API names against it.
 TRT_STUBS := $(VENV)/trt-stubs
+TRITON := $(VENV)/triton
 CORES ?= all
 # Every package of the dev/CI environment at an exact version (kiln/envlock.py); `make relock` rewrites it.
 LOCK := requirements.lock
@@ -24,6 +25,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps -e .
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(TRT_STUBS) $$(sed -n 's/^#@target //p' $(LOCK))
+	# A real tritonserver (CPU, Python backend) and tritonclient, pinned, beside the venv: tests/test_serve.py.
+	bash scripts/install_triton.sh $(TRITON) $(BIN)/python > /dev/null \
+		|| echo "kiln: tritonserver not installed: tests/test_serve.py skips the real server, saying why"
 	touch $(STAMP)
 
 # Resolve afresh from pyproject.toml (test extra) and constraints.txt in a scratch venv, then pin what got installed.
@@ -51,7 +55,8 @@ run: $(STAMP)  ## run the pipeline on config.yaml
 
 test: $(STAMP)  ## run the test suite
 	@$(BIN)/python -m kiln.envlock check $(LOCK)
-	KILN_TRT_STUBS=$(TRT_STUBS) $(BIN)/python -m pytest
+	KILN_TRT_STUBS=$(TRT_STUBS) KILN_TRITON_DIR=$(CURDIR)/$(TRITON)/server KILN_TRITON_SITE=$(CURDIR)/$(TRITON)/site \
+		$(BIN)/python -m pytest
 
 # The demo run in a clean temporary folder (models/ copied there), then `kiln $(1)` on its results.
 # VERIFY_DIR=path runs in that folder instead and keeps it. kiln.lock holds no validations or baselines

@@ -292,20 +292,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _standin_root(tmp: Path) -> Path:
-    """A `kiln` package over the real one whose runtime is the test's stand-in where kiln/runtime.py is missing."""
-    pkg = tmp / "kiln"
-    pkg.mkdir(parents=True)
-    real = REPO / "kiln"
-    (pkg / "__init__.py").write_text(
-        f"__path__ = [{str(real)!r}, {str(pkg)!r}]\n"
-        f"exec(compile(open({str(real / '__init__.py')!r}).read(), {str(real / '__init__.py')!r}, 'exec'))\n")
-    if not (real / "runtime.py").is_file():
-        (pkg / "runtime.py").write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                                        "from tests.serve_runtime_standin import Detector  # noqa: F401\n")
-    return tmp
-
-
 def test_tritonserver_serves_the_detector(served, tmp_path):
     if not TRITON_DIR or not TRITON_SITE:
         pytest.skip(f"KILN_TRITON_DIR / KILN_TRITON_SITE not set: {INSTALL_HINT}")
@@ -331,15 +317,10 @@ def test_tritonserver_serves_the_detector(served, tmp_path):
     src = Path(paths.fmt(paths.SERVE_TRITON, results=cfg.results, device="cpu")) / name
     repo = tmp_path / "repo"
     shutil.copytree(src, repo / name)
-    kiln_root = _standin_root(tmp_path / "root")
-    (repo / name / "1" / "kiln.json").write_text(json.dumps({"kiln_root": str(kiln_root)}))
+    (repo / name / "1" / "kiln.json").write_text(json.dumps({"kiln_root": str(REPO)}))
 
-    from tests.serve_runtime_standin import Detector as StandIn
+    from kiln.runtime import Detector
 
-    if (REPO / "kiln" / "runtime.py").is_file():
-        from kiln.runtime import Detector
-    else:
-        Detector = StandIn
     local = Detector.load(repo / name / "1" / "engine")
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((200, 300), (256, 256), (97, 143))]
@@ -381,10 +362,10 @@ def test_tritonserver_serves_the_detector(served, tmp_path):
             outs = [httpclient.InferRequestedOutput(n, binary_data=True) for n in ("BOXES", "SCORES", "CLASSES")]
             got = client.infer(name, [x], outputs=outs)
             boxes, scores, classes = got.as_numpy("BOXES"), got.as_numpy("SCORES"), got.as_numpy("CLASSES")
-            assert len(scores) == len(want["scores"]) > 0
-            np.testing.assert_array_equal(boxes, np.asarray(want["boxes"], dtype=np.float32))
-            np.testing.assert_array_equal(scores, np.asarray(want["scores"], dtype=np.float32))
-            np.testing.assert_array_equal(classes, np.asarray(want["class_ids"], dtype=np.int32))
+            assert len(scores) == len(want.scores) > 0
+            np.testing.assert_array_equal(boxes, np.asarray(want.boxes, dtype=np.float32))
+            np.testing.assert_array_equal(scores, np.asarray(want.scores, dtype=np.float32))
+            np.testing.assert_array_equal(classes, np.asarray(want.class_ids, dtype=np.int32))
     finally:
         if client is not None:
             client.close()  # an open keep-alive connection makes the server wait out --exit-timeout-secs

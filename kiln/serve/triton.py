@@ -220,9 +220,9 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
                 continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[
-                _to_triton("BOXES", np.asarray(det["boxes"], dtype=np.float32).reshape(-1, 4)),
-                _to_triton("SCORES", np.asarray(det["scores"], dtype=np.float32).reshape(-1)),
-                _to_triton("CLASSES", np.asarray(det["class_ids"], dtype=np.int32).reshape(-1)),
+                _to_triton("BOXES", np.asarray(det.boxes, dtype=np.float32).reshape(-1, 4)),
+                _to_triton("SCORES", np.asarray(det.scores, dtype=np.float32).reshape(-1)),
+                _to_triton("CLASSES", np.asarray(det.class_ids, dtype=np.int32).reshape(-1)),
             ]))
         return responses
 
