@@ -95,3 +95,16 @@ def sensitivity_hint(row: dict, precisions: tuple[str, ...]) -> str | None:
     return (f"kiln: to rank the regions that lose accuracy set models.{row['model']}.sensitivity.precisions: [{p}] "
             f"(results/sensitivity/); to keep them in higher precision add {mixed} to "
             f"devices.{row['device']}.precisions{tail}")
+
+
+def tf32_hint(row: dict, engine_record: dict | None) -> str | None:
+    """For a failing fp32/fp16/bf16 engine built with TF32 on (engine.json options.tf32): turn it off.
+
+    TF32 rounds fp32 matmul and convolution inputs to 10 mantissa bits; DETR-family models lose parity to it
+    (Peterande/D-FINE #44)."""
+    if row.get("status") != "failed" or row["precision"] not in ("fp32", "fp16", "bf16"):
+        return None
+    if not ((engine_record or {}).get("options") or {}).get("tf32"):
+        return None
+    return (f"kiln: this engine was built with TF32 on (engine.json options.tf32: true), which rounds fp32 layers' "
+            f"inputs to 10 mantissa bits: set devices.{row['device']}.tf32: false and rebuild")

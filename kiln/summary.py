@@ -164,6 +164,9 @@ def _row(
         row.update(status=STALE, reason=why)
         return row
     row.update(status=v["status"], reason=v.get("reason"), engine_bytes=v["build"].get("engine_bytes"))
+    if row["status"] == "failed":
+        e_path = Path(local(paths.fmt(paths.ENGINE_RECORD, results=R, device=device, model=model, precision=precision)))
+        row["hint"] = findings.tf32_hint(row, read_json(e_path) if e_path.is_file() else None)
     notes = latency_notes(v)
     if notes:
         row["flags"] = "; ".join(f"latency unstable at {n}" for n in notes)
@@ -200,7 +203,7 @@ def rows(cfg: KilnConfig, cannot_build: dict[str, str], cannot_run: dict[str, st
         note = slow.get((r["model"], r["device"], r["precision"]))
         if note:
             r["flags"] = "; ".join(f for f in (r["flags"], note) if f)
-        r["hint"] = findings.sensitivity_hint(r, cfg.devices[r["device"]].precisions)
+        r["hint"] = r["hint"] or findings.sensitivity_hint(r, cfg.devices[r["device"]].precisions)
     return table
 
 
