@@ -239,7 +239,7 @@ def to_markdown(table: list[dict]) -> str:
         lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in cols) + " |")
     passed = sum(r["status"] == "passed" for r in table)
     lines += ["", f"{passed} of {len(table)} rows passed."]
-    unstable = sum(r["status"] == "passed" and bool(r["flags"]) for r in table)
+    unstable = sum(r["status"] == "passed" and "latency unstable" in (r["flags"] or "") for r in table)
     if unstable:
         lines.append(f"{unstable} of them with unstable latency (flags).")
     stale = [r for r in table if r["status"] in (STALE, MISSING)]
