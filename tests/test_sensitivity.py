@@ -116,3 +116,47 @@ def test_sensitivity_images_beyond_the_calibration_split_are_refused(config_dict
     with pytest.raises(KilnError, match=r"'models.yolo_demo.sensitivity.images' is 99 but dataset 'demo' has "
                                         r"calib.count 8: lower one or raise the other"):
         load(config_dict, check_paths=False)
+
+
+@pytest.mark.integration
+def test_the_sensitive_example_end_to_end(tmp_path):
+    """examples/sensitive.yaml, smaller: strict int8 fails its gate on ONNX Runtime CPU, the sensitivity table
+    ranks the outlier's class-branch Convs first, int8-mixed keeps them in fp16 and passes; the summary says so
+    and names the engine to deploy. About two minutes on two busy cores (sensitivity: 44 regions one at a time)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from kiln.util import read_json
+    from tests.conftest import REPO
+
+    if not (REPO / "models" / "demo_yolo.pt").is_file():
+        pytest.skip("committed checkpoint models/demo_yolo.pt is missing")
+    (tmp_path / "models").mkdir()
+    shutil.copy(REPO / "models" / "demo_yolo.pt", tmp_path / "models" / "demo_yolo.pt")
+    config = yaml.safe_load((REPO / "examples" / "sensitive.yaml").read_text())
+    config["devices"]["cpu"]["precisions"] = ["int8", "int8-mixed"]
+    config["validation"]["latency"] = {"warmup_ms": 10, "min_iterations": 5, "min_seconds": 0.05}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(tmp_path / "config.yaml"), "--cores", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    table = read_json(tmp_path / "results/sensitivity/yolo_sensitive/opset17/int8.json")
+    assert table["split"] == "calib" and not table["strict"]["passed"]
+    assert table["regions"][0]["node"].startswith("/head/cls.")
+    record = read_json(tmp_path / "results/onnx/yolo_sensitive/opset17/int8-mixed.json")
+    kept = [k["node"] for k in record["fallback"]["kept"]]
+    assert record["fallback"]["passed_on_calib"] and 1 <= len(kept) <= 6
+    assert all(k.startswith("/head/cls.") for k in kept)
+    rows = {r["precision"]: r for r in read_json(tmp_path / "results/report/summary.json")["rows"]}
+    assert rows["int8"]["status"] == "failed" and "map50 drop" in rows["int8"]["reason"]
+    assert "add int8-mixed to devices.cpu.precisions" in rows["int8"]["hint"]
+    assert rows["int8-mixed"]["status"] == "passed" and kept[0] in rows["int8-mixed"]["kept"]
+    deploy = read_json(tmp_path / "results/report/summary.json")["deploy"]
+    assert [(d["model"], d["device"], d["deploy"]) for d in deploy] == [("yolo_sensitive", "cpu", "int8-mixed")]
+    assert "## Engine to deploy" in (tmp_path / "results/report/summary.md").read_text()
+    assert "Engine to deploy" in (tmp_path / "results/report/kiln.md").read_text()
