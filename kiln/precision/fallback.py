@@ -82,7 +82,7 @@ def make_mixed(cfg, model: str, precision: str, src: Path, dst: Path, record: Pa
                   "error_added": r["error_added"]} for r in kept],
         "why": (("the strict variant already passes the gate on the calibration split: nothing kept"
                  if not kept else
-                 f"the {len(kept)} regions that add the most error in the sensitivity table, kept in "
+                 f"the {len(kept)} region{'s' if len(kept) > 1 else ''} adding the most error in the sensitivity table, kept in "
                  f"{'fp16' if base in ('int8', 'fp8') else 'fp32'} (ModelOpt nodes_to_exclude): with them the "
                  f"gate passes on the calibration split") if passed else
                 f"the gate still fails on the calibration split with {len(kept)} regions kept, the limit "

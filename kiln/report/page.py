@@ -447,7 +447,8 @@ def render_markdown(run: Run, figures: dict[str, list[Figure]], base: Path) -> s
         out += _md_table(["device", "deploy", "p50 ms", "mAP50-95", "Pareto front (latency, mAP50-95)"],
                          [[d["device"], d["deploy"] or f"none: {d['why']}", _opt(d["latency_median_ms"]),
                            _opt(d["map50_95"], 4), deploy_front(d)] for d in run.deploy if d["model"] == m.name])
-        out += [f"- {n}" for d in run.deploy if d["model"] == m.name for n in d["not_faster"]]
+        slow = [f"- {n}" for d in run.deploy if d["model"] == m.name for n in d["not_faster"]]
+        out += ["", *slow] if slow else []
         out += ["", "### Failures and skips", ""]
         rs = reasons(m)
         out += [f"- {d} {', '.join(ps)}: **{s}**: {r}" for d, s, ps, r in rs] or ["Every engine of this model passed."]
