@@ -24,12 +24,13 @@ wildcard_constraints:
     dataset=r"[A-Za-z][A-Za-z0-9_-]*",
     opset=r"\d+",
     split=r"calib|val",
-    precision=r"fp32|fp16|bf16|int8|fp8|best",
+    precision=r"fp32|fp16|bf16|int8-mixed|int8|fp8-mixed|fp8|best",
 
 
 include: "rules/data.smk"
 include: "rules/onnx.smk"
 include: "rules/precision.smk"
+include: "rules/sensitivity.smk"
 include: "rules/engines.smk"
 include: "rules/baseline.smk"
 include: "rules/diagnose.smk"
@@ -41,6 +42,7 @@ rule all:
     input:
         summary_targets(),
         page_targets(),
+        sensitivity_targets(),
         # Also as targets, so that one gone (a failed job's, a deleted one) is made again (README).
         made_here_targets(),
         serve_targets(),

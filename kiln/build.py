@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kiln import backends, coco, integrity, paths
 from kiln.errors import KilnError
-from kiln.specs import DeviceProfile, KilnConfig, ModelSpec
+from kiln.specs import DeviceProfile, KilnConfig, ModelSpec, base_precision
 from kiln.util import atomic_path, sha256, write_json
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def build_engine(
     try:
         with atomic_path(engine) as tmp:
             meta = backend.build(
-                onnx_path, tmp, d, precision, threads=threads,
+                onnx_path, tmp, d, base_precision(precision), threads=threads,  # a mixed variant builds as its strict one
                 model_spec=cfg.models[model],
                 validation_batch_size=cfg.validation["batch_size"],
                 calib_npz=calib_npz,

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from kiln.errors import KilnError
-from kiln.specs import PRECISIONS, DatasetSpec, DeviceProfile, KilnConfig, ModelSpec
+from kiln.specs import MIXED_PRECISIONS, PRECISIONS, DatasetSpec, DeviceProfile, KilnConfig, ModelSpec, base_precision
 
 __all__ = ["PRECISIONS", "DatasetSpec", "DeviceProfile", "KilnConfig", "ModelSpec", "load", "load_file", "read_yaml"]
 
@@ -173,6 +173,12 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
         from kiln.sources import check_model
 
         check_model(name, m, base, check_paths, packages, folders)
+        sens = m["sensitivity"]
+        if sens.get("images", 0) > datasets[m["dataset"]].calib_count:
+            raise KilnError(
+                f"config: 'models.{name}.sensitivity.images' is {sens['images']} but dataset "
+                f"'{m['dataset']}' has calib.count {datasets[m['dataset']].calib_count}: lower one or raise the other"
+            )
         models[name] = ModelSpec(
             name=name,
             source=m["source"],
@@ -192,6 +198,7 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
             decode={**m["decode"], **{k: v for k, v in SOURCE_DEFAULTS.get(m["source"], {}).get("decode", {}).items()
                                       if k not in (raw["models"][name].get("decode") or {})}},
             calibration=dict(m["calibration"]),
+            sensitivity=dict(sens),
             trust_checkpoint=m["trust_checkpoint"],
             ultralytics_yaml=m.get("ultralytics_yaml"),
             rtdetr_repo=m.get("rtdetr_repo"),
@@ -238,11 +245,13 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
             cluster=dict(d["cluster"]),
         )
         backend = backends.get(device.backend)
-        for problem in backend.check_device(device):
+        # Backends know the strict precisions: a mixed variant is checked as the precision it stands for.
+        strict = dataclasses.replace(device, precisions=tuple(dict.fromkeys(map(base_precision, device.precisions))))
+        for problem in backend.check_device(strict):
             raise KilnError(f"config: 'devices.{name}': {problem}")
-        device = dataclasses.replace(device, variants={p: backend.source_precision(p, device) for p in device.precisions})
+        device = dataclasses.replace(device, variants=_variants(backend, device, strict))
         for m in device.models:  # what the backend's parser cannot build (its op table)
-            for problem in backend.model_problems(device, models[m]):
+            for problem in backend.model_problems(strict, models[m]):
                 raise KilnError(f"config: 'devices.{name}' builds model '{m}', whose {problem}")
         for bs in device.batch_sizes:
             for m in device.models:
@@ -264,6 +273,22 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
     )
 
 
+def _variants(backend, device: DeviceProfile, strict: DeviceProfile) -> dict[str, str]:
+    """Engine precision -> the variant ONNX it is built from; a mixed one only from its own Q/DQ variant."""
+    variants = {}
+    for p in device.precisions:
+        base = base_precision(p)
+        source = backend.source_precision(base, strict)
+        if p in MIXED_PRECISIONS and source != base:
+            raise KilnError(
+                f"config: 'devices.{device.name}.precisions' lists {p}, but this device builds {base} from the "
+                f"{source} ONNX (not its Q/DQ variant), so a mixed variant cannot reach it: remove {p} "
+                f"or build {base} from Q/DQ (int8_mode: qdq)"
+            )
+        variants[p] = p if p in MIXED_PRECISIONS else source
+    return variants
+
+
 def _check_calibration(models: dict, datasets: dict, devices: dict) -> None:
     """``calibration.images`` fits the calibration split, for the models something calibrates.
 
@@ -275,7 +300,8 @@ def _check_calibration(models: dict, datasets: dict, devices: dict) -> None:
 
     for name, spec in models.items():
         users = [f"{d.name}/{p}" for d in devices.values() if name in d.models for p in d.precisions
-                 if d.variant_of(p) in ("int8", "fp8") or backends.get(d.backend).needs_calibration(d, p)]
+                 if base_precision(d.variant_of(p)) in ("int8", "fp8")
+                 or backends.get(d.backend).needs_calibration(d, base_precision(p))]
         have = datasets[spec.dataset].calib_count
         if users and spec.calibration["images"] > have:
             raise KilnError(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kiln import backends, integrity, paths
 from kiln.errors import KilnError
+from kiln.specs import base_precision
 from kiln.util import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def diagnose_build(cfg, device: str, model: str, precision: str, engine_record: 
         return result
     d = cfg.devices[device]
     try:
-        return backends.get(d.backend).diagnose(onnx_path, d, precision, out, spec=cfg.models[model])
+        return backends.get(d.backend).diagnose(onnx_path, d, base_precision(precision), out, spec=cfg.models[model])
     except (KilnError, subprocess.TimeoutExpired) as err:  # the summary keeps the build's own reason then
         reason = " ".join(str(err).split())  # one line: the summary's CSV and Markdown rows repeat it
         result = {"device": device, "model": model, "precision": precision, "status": "failed",

@@ -13,3 +13,98 @@ def latency_notes(validation: dict | None) -> list[str]:
     summary's `flags` and the page's measurement notes both come from here."""
     return [f"batch {lat['batch_size']}: {lat['warning']}"
             for lat in (validation or {}).get("latency") or [] if lat.get("warning")]
+
+
+# A lower precision is worth deploying only where it is faster than the one above it on that device.
+HIGHER = {"fp16": "fp32", "bf16": "fp32", "int8": "fp16", "fp8": "fp16", "int8-mixed": "fp16", "fp8-mixed": "fp16"}
+
+
+def _key(row: dict) -> tuple[str, str]:
+    return row["model"], row["device"]
+
+
+def _latency(row: dict) -> float | None:
+    return row.get("latency_median_ms") if row.get("status") in ("passed", "failed") else None
+
+
+def not_faster(rows: list[dict]) -> dict[tuple[str, str, str], str]:
+    """(model, device, precision) -> the plain words where it is not faster than the precision above it.
+
+    int8 (and int8-mixed, fp8) against fp16, fp16/bf16 against fp32, at the rows' batch size, where both
+    were measured; fp32 stands in for a missing fp16."""
+    by = {(r["model"], r["device"], r["precision"]): r for r in rows}
+    out = {}
+    for r in rows:
+        higher = HIGHER.get(r["precision"])
+        other = by.get((r["model"], r["device"], higher)) or (by.get((r["model"], r["device"], "fp32"))
+                                                               if higher == "fp16" else None)
+        mine, theirs = _latency(r), _latency(other) if other else None
+        if mine is None or theirs is None or mine < theirs:
+            continue
+        out[(r["model"], r["device"], r["precision"])] = (
+            f"{r['precision']} is not faster than {other['precision']} on {r['device']} "
+            f"({mine:.2f} ms against {theirs:.2f} ms median at batch {r.get('batch_size')})")
+    return out
+
+
+def pareto(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Per model x device: the rows no other row beats on both latency (lower) and mAP50-95 (higher)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if _latency(r) is not None and r.get("map50_95") is not None:
+            groups.setdefault(_key(r), []).append(r)
+    front = {}
+    for key, rs in groups.items():
+        front[key] = sorted(
+            (r for r in rs if not any(_latency(o) <= _latency(r) and o["map50_95"] >= r["map50_95"]
+                                      and (_latency(o) < _latency(r) or o["map50_95"] > r["map50_95"]) for o in rs)),
+            key=_latency)
+    return front
+
+
+def deploy(rows: list[dict]) -> list[dict]:
+    """Per model x device: the fastest engine that passes every gate, the Pareto front of latency
+    against mAP50-95, and where a lower precision is not faster than the higher one."""
+    slow = not_faster(rows)
+    front = pareto(rows)
+    out = []
+    for key in dict.fromkeys(_key(r) for r in rows):
+        passed = [r for r in rows if _key(r) == key and r["status"] == "passed" and _latency(r) is not None]
+        best = min(passed, key=_latency) if passed else None
+        out.append({
+            "model": key[0], "device": key[1],
+            "deploy": best["precision"] if best else None,
+            "latency_median_ms": _latency(best) if best else None,
+            "map50_95": best["map50_95"] if best else None,
+            "why": (f"fastest of the {len(passed)} engines that pass every gate" if best
+                    else "no engine of this model passes every gate on this device"),
+            "pareto": [{"precision": r["precision"], "latency_median_ms": _latency(r), "map50_95": r["map50_95"],
+                        "status": r["status"]} for r in front.get(key, [])],
+            "not_faster": [v for (m, d, _p), v in slow.items() if (m, d) == key],
+        })
+    return out
+
+
+def sensitivity_hint(row: dict, precisions: tuple[str, ...]) -> str | None:
+    """For a failing strict int8/fp8 row: the config keys that find where it loses accuracy and win it back."""
+    p = row["precision"]
+    if row.get("status") != "failed" or p not in ("int8", "fp8") or str(row.get("reason", "")).startswith("build"):
+        return None
+    mixed = f"{p}-mixed"
+    tail = ("" if mixed not in precisions else f"; {mixed} on this device is its mixed variant")
+    return (f"kiln: to rank the regions that lose accuracy set models.{row['model']}.sensitivity.precisions: [{p}] "
+            f"(results/sensitivity/); to keep them in higher precision add {mixed} to "
+            f"devices.{row['device']}.precisions{tail}")
+
+
+def tf32_hint(row: dict, engine_record: dict | None) -> str | None:
+    """For a failing fp32/fp16/bf16 engine built with TF32 on (engine.json options.tf32): turn it off.
+
+    TF32 rounds fp32 matmul and convolution inputs to 10 mantissa bits; DETR-family models lose parity to it
+    (Peterande/D-FINE #44)."""
+    if row.get("status") != "failed" or row["precision"] not in ("fp32", "fp16", "bf16"):
+        return None
+    if not ((engine_record or {}).get("options") or {}).get("tf32"):
+        return None
+    return (f"kiln: this engine was built with TF32 on (engine.json options.tf32: true), which rounds fp32 layers' "
+            f"inputs to 10 mantissa bits: set devices.{row['device']}.tf32: false and rebuild")

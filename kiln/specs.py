@@ -10,7 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # "best" is TensorRT < 11's builder mode (all precision flags on the fp32 ONNX), not an ONNX variant.
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "best")
+# "<p>-mixed" is the fallback variant of a strict precision: the regions the sensitivity stage
+# ranks most sensitive kept in higher precision (kiln.precision.fallback); "<p>" itself stays strict.
+MIXED = "-mixed"
+MIXED_PRECISIONS = ("int8-mixed", "fp8-mixed")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-mixed", "fp8", "fp8-mixed", "best")
+
+
+def base_precision(precision: str) -> str:
+    """The strict precision a variant name stands for: int8 for int8-mixed; a strict name itself.
+
+    Backends, thresholds and capability tables know only the strict names."""
+    return precision.removesuffix(MIXED)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,8 @@ class ModelSpec:
     simplify: bool
     decode: dict
     calibration: dict
+    # Layer sensitivity (kiln.sensitivity) and the mixed fallback's limit: precisions, max_nodes, images.
+    sensitivity: dict = field(default_factory=dict)
     # Model sources (kiln/sources/): a full pickle loads only with trust_checkpoint (it can run code).
     trust_checkpoint: bool = False
     ultralytics_yaml: str | None = None

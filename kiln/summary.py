@@ -8,9 +8,9 @@ import logging
 import os
 from pathlib import Path
 
-from kiln import integrity, paths
+from kiln import findings, integrity, paths
 from kiln.findings import MISSING, STALE, latency_notes
-from kiln.specs import KilnConfig
+from kiln.specs import KilnConfig, base_precision
 from kiln.util import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ COLUMNS = [
     "parity_min_cosine", "parity_max_abs", "detection_match_rate", "map50_95", "map50", "map_drop", "map50_drop",
     "batch_size", "latency_mean_ms", "latency_median_ms", "latency_p99_ms", "latency_cv_percent", "throughput_ips",
     "gpu_compute_median_ms", "pipeline_median_ms", "pytorch_latency_median_ms", "speedup_vs_pytorch",
-    "diagnosis", "flags",
+    "diagnosis", "flags", "hint", "kept",
 ]
 
 
@@ -126,6 +126,10 @@ def _row(
         row["onnx_bytes"] = onnx.stat().st_size
     elif variant.is_file():  # the variant itself stays in storage; its record has the size
         row["onnx_bytes"] = read_json(variant).get("size_bytes")
+    if variant.is_file() and precision != base_precision(precision):  # a mixed variant: what it keeps, and why
+        fb = read_json(variant).get("fallback") or {}
+        row["kept"] = (f"{len(fb.get('kept', []))} kept in higher precision: "
+                       + (", ".join(k["node"] for k in fb.get("kept", [])) or "none") + f" ({fb.get('why')})")
     if no_build:
         row.update(status="not run", reason=f"not run on this host: {no_build}")
         return row
@@ -160,6 +164,9 @@ def _row(
         row.update(status=STALE, reason=why)
         return row
     row.update(status=v["status"], reason=v.get("reason"), engine_bytes=v["build"].get("engine_bytes"))
+    if row["status"] == "failed":
+        e_path = Path(local(paths.fmt(paths.ENGINE_RECORD, results=R, device=device, model=model, precision=precision)))
+        row["hint"] = findings.tf32_hint(row, read_json(e_path) if e_path.is_file() else None)
     flags = [f"latency unstable at {n}" for n in latency_notes(v)] + list(v.get("findings") or [])
     if flags:
         row["flags"] = "; ".join(flags)
@@ -190,7 +197,29 @@ def _row(
 
 def rows(cfg: KilnConfig, cannot_build: dict[str, str], cannot_run: dict[str, str], local=str) -> list[dict]:
     """One row per job; the dicts map devices this host cannot build or run to the reason."""
-    return [_row(cfg, dev, m, p, cannot_build.get(dev), cannot_run.get(dev), local) for dev, m, p in cfg.jobs()]
+    table = [_row(cfg, dev, m, p, cannot_build.get(dev), cannot_run.get(dev), local) for dev, m, p in cfg.jobs()]
+    slow = findings.not_faster(table)
+    for r in table:
+        note = slow.get((r["model"], r["device"], r["precision"]))
+        if note:
+            r["flags"] = "; ".join(f for f in (r["flags"], note) if f)
+        r["hint"] = r["hint"] or findings.sensitivity_hint(r, cfg.devices[r["device"]].precisions)
+    return table
+
+
+def deploy_markdown(plan: list[dict]) -> str:
+    """The engine to deploy per model x device, its Pareto front, and lower precisions that are not faster."""
+    lines = ["## Engine to deploy", "", "| model | device | deploy | p50 ms | mAP50-95 | Pareto front (latency, mAP50-95) |",
+             "|---|---|---|---|---|---|"]
+    for d in plan:
+        front = ", ".join(f"{p['precision']} ({p['latency_median_ms']:.2f} ms, {p['map50_95']:.4f}, {p['status']})"
+                          for p in d["pareto"])
+        lines.append(f"| {d['model']} | {d['device']} | {d['deploy'] or 'none: ' + d['why']} | "
+                     f"{_fmt(d['latency_median_ms'])} | {_fmt(d['map50_95'])} | {front} |")
+    slow = [n for d in plan for n in d["not_faster"]]
+    if slow:
+        lines += ["", "Not faster than the precision above it:", ""] + [f"- {n}" for n in slow]
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value) -> str:
@@ -204,7 +233,7 @@ def _fmt(value) -> str:
 def to_markdown(table: list[dict]) -> str:
     cols = ["model", "device", "precision", "status", "flags", "map50_95", "map50", "map50_drop", "parity_min_cosine",
             "detection_match_rate", "latency_median_ms", "latency_p99_ms", "throughput_ips", "pipeline_median_ms",
-            "speedup_vs_pytorch", "engine_bytes", "reason"]
+            "speedup_vs_pytorch", "engine_bytes", "reason", "kept"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table:
         lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in cols) + " |")
@@ -217,7 +246,10 @@ def to_markdown(table: list[dict]) -> str:
     if stale:
         lines.append(f"{len(stale)} rows are {STALE} or {MISSING}: their validation is not of the files now there "
                      f"(reason: what changed, and the fix).")
-    return "# Kiln summary\n\n" + "\n".join(lines) + "\n"
+    hints = [r["hint"] for r in table if r.get("hint")]
+    if hints:
+        lines += ["", *(f"- {r['model']} {r['device']} {r['precision']}: {r['hint']}" for r in table if r.get("hint"))]
+    return "# Kiln summary\n\n" + "\n".join(lines) + "\n\n" + deploy_markdown(findings.deploy(table))
 
 
 def write_summary(
@@ -231,7 +263,7 @@ def write_summary(
 ) -> list[dict]:
     """Write the three summary files; `inputs` are the rule's input files (local copies under storage)."""
     table = rows(cfg, cannot_build or {}, cannot_run or {}, paths.local_copies(inputs or []))
-    write_json(out_json, {"rows": table, "columns": COLUMNS})
+    write_json(out_json, {"rows": table, "columns": COLUMNS, "deploy": findings.deploy(table)})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()

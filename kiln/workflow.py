@@ -22,6 +22,7 @@ from kiln.errors import KilnError
 STAGES = {
     "dataset": "kiln.dataset", "inputs": "kiln.inputs", "export": "kiln.export", "simplify": "kiln.simplify",
     "surgery": "kiln.surgery", "precision": "kiln.precision.cast", "quantize": "kiln.precision.quantize",
+    "sensitivity": "kiln.sensitivity", "fallback": "kiln.precision.fallback",
     "reference": "kiln.reference", "build": "kiln.build", "baseline": "kiln.baseline",
     "validate": "kiln.validate", "diagnose": "kiln.diagnose", "summary": "kiln.summary", "page": "kiln.report.page",
     "serve": "kiln.serve",
@@ -244,6 +245,8 @@ RULE_RESOURCES = {
     "surgery": {"mem_mb": 8000, "runtime": 30},
     "precision": {"mem_mb": 8000, "runtime": 60},
     "quantize": {"mem_mb": 16000, "runtime": 120},
+    "sensitivity": {"mem_mb": 8000, "runtime": 120},
+    "fallback": {"mem_mb": 16000, "runtime": 240},
     "reference": {"mem_mb": 8000, "runtime": 60},
     "build": {"mem_mb": 16000, "runtime": 120},
     "validate": {"mem_mb": 16000, "runtime": 60},

@@ -8,7 +8,8 @@ from kiln import paths, workflow as kiln_workflow
 from kiln import baseline as kiln_baseline, build as kiln_build, dataset as kiln_dataset
 from kiln import diagnose as kiln_diagnose, export as kiln_export, inputs as kiln_inputs
 from kiln import precision as kiln_precision, reference as kiln_reference, simplify as kiln_simplify
-from kiln import serve as kiln_serve, summary as kiln_summary, surgery as kiln_surgery
+from kiln import sensitivity as kiln_sensitivity, serve as kiln_serve, summary as kiln_summary
+from kiln import surgery as kiln_surgery
 from kiln import validate as kiln_validate
 
 # The host plan, once: the checked config, this host's devices (build, run), gather/cluster switches,
@@ -61,6 +62,11 @@ def made_here_targets():
 
 def summary_targets():
     return [P(paths.SUMMARY_JSON), P(paths.SUMMARY_CSV), P(paths.SUMMARY_MD)]
+
+
+def sensitivity_targets():
+    """Sensitivity tables asked for (models.<m>.sensitivity.precisions) or needed by a mixed variant."""
+    return kiln_sensitivity.targets(KILN)
 
 
 def page_targets():

@@ -29,7 +29,7 @@ def test_demo_config_loads_with_defaults():
     # builds fp16 and calibrated int8 from the fp32 ONNX by builder flags.
     assert cfg.precisions("yolo_demo", 17) == ["fp32", "fp16", "bf16", "int8", "fp8"]
     assert cfg.precisions("yolo_demo", 16) == ["fp32"]
-    assert len(cfg.jobs()) == 2 * (3 + 3 + 5 + 3)
+    assert len(cfg.jobs()) == 2 * (3 + 3 + 3 + 5 + 3)  # cpu, h200-ort, rtx-4090, h100, orin-jp5
 
 
 def test_defaults_are_not_shared_between_models(config_dict):

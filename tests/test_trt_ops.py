@@ -218,8 +218,8 @@ def test_replace_mod_on_rtdetr_postprocessor(tmp_path):
     rng = np.random.default_rng(2)
     feeds = {"images": rng.random((2, 3, 128, 128), dtype=np.float32),
              "orig_target_sizes": np.array([[640, 480], [320, 200]], dtype=np.int64)}
+    from kiln.parity import detections as match
     from kiln.postprocess import rtdetr_detections
-    from kiln.validate.parity import detections as match
 
     before, after = run(src, feeds), run(dst, feeds)
     np.testing.assert_allclose(after[2], before[2], rtol=1e-5)  # scores, sorted

@@ -222,8 +222,8 @@ def test_yolo11n_every_stage(cfg, yolo11n, images):
 
 
 def test_rtdetr_l_every_stage(cfg, rtdetr, images):
+    from kiln.parity import detections as match
     from kiln.postprocess import ultralytics_rtdetr_detections
-    from kiln.validate.parity import detections as match
 
     spec = cfg.models["rtdetr_l"]
     m = onnx.load(str(rtdetr["export"]))

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from kiln import latency
+from kiln import latency, parity
 from kiln.errors import KilnError
-from kiln.validate import gate, parity
+from kiln.validate import gate
 
 
 def test_dense_parity_identical_and_perturbed():

@@ -122,9 +122,10 @@ def make_anchor_points(feats: list[torch.Tensor], strides: tuple[int, ...]) -> t
 class YoloHead(nn.Module):
     """Decoupled per-level head: separate box (ltrb distances) and class branches."""
 
-    def __init__(self, c: int, num_classes: int, strides: tuple[int, ...]) -> None:
+    def __init__(self, c: int, num_classes: int, strides: tuple[int, ...], outlier: float = 0.0) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.outlier = outlier
         self.box = nn.ModuleList(
             nn.Sequential(ConvBNAct(c, c, 3), ConvBNAct(c, c, 3), nn.Conv2d(c, 4, 1)) for _ in strides
         )
@@ -141,20 +142,37 @@ class YoloHead(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns raw ltrb (B, 4, A) in stride units and class logits (B, nc, A)."""
         box = torch.cat([b(f).flatten(2) for b, f in zip(self.box, feats)], 2)
-        cls = torch.cat([c(f).flatten(2) for c, f in zip(self.cls, feats)], 2)
+        cls = torch.cat([self._cls(c, f).flatten(2) for c, f in zip(self.cls, feats)], 2)
         return box, cls
+
+    def _cls(self, seq: nn.Sequential, f: torch.Tensor) -> torch.Tensor:
+        """The class branch; with ``outlier``, its last Conv reads an activation outlier.
+
+        Channel 0 of the last Conv's input is offset by ``outlier`` and the Conv's output corrected by
+        the same amount (exact in fp32: the model's outputs and weights do not change). A per-tensor
+        int8 scale of that input must then cover the outlier, leaving the other channels a few levels:
+        a model made sensitive on purpose (examples/sensitive.yaml), like the outlier channels of
+        large transformers.
+        """
+        if not self.outlier:
+            return seq(f)
+        h = seq[:-1](f)
+        last = seq[-1]
+        spike = torch.zeros(1, h.shape[1], 1, 1, dtype=h.dtype)
+        spike[:, 0] = self.outlier
+        return last(h + spike) - self.outlier * last.weight[:, 0].reshape(1, -1, 1, 1)
 
 
 class YoloDemo(nn.Module):
     """Anchor-free YOLOv8-style detector with the Ultralytics ONNX output layout."""
 
-    def __init__(self, num_classes: int = 3, width: int = 16, neck_channels: int = 64) -> None:
+    def __init__(self, num_classes: int = 3, width: int = 16, neck_channels: int = 64, outlier: float = 0.0) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.strides = STRIDES
         self.backbone = Backbone(width)
         self.neck = FPN(self.backbone.channels, neck_channels)
-        self.head = YoloHead(neck_channels, num_classes, self.strides)
+        self.head = YoloHead(neck_channels, num_classes, self.strides, outlier)
 
     def forward_raw(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training view: xyxy boxes in pixels (B, A, 4), logits (B, A, nc), anchors."""
@@ -178,13 +196,14 @@ class YoloDemo(nn.Module):
         return torch.cat((centre, wh, logits.sigmoid()), 1)
 
 
-def yolo_demo(num_classes: int = 3, width: int = 16, neck_channels: int = 64) -> YoloDemo:
+def yolo_demo(num_classes: int = 3, width: int = 16, neck_channels: int = 64, outlier: float = 0.0) -> YoloDemo:
     """Build the YOLO demo detector (eval mode; call ``.train()`` to train it).
 
     ``width`` scales the backbone (stage channels w, 2w, 4w, 8w, 8w); ``neck_channels``
-    is the FPN/head width.
+    is the FPN/head width. ``outlier`` (0: none) gives the class branch an activation outlier of
+    that size, same outputs and weights (YoloHead._cls): the demo model int8 loses accuracy on.
     """
-    return YoloDemo(num_classes=num_classes, width=width, neck_channels=neck_channels).eval()
+    return YoloDemo(num_classes=num_classes, width=width, neck_channels=neck_channels, outlier=outlier).eval()
 
 
 # --------------------------------------------------------------------------- RT-DETR

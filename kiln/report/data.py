@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln import paths
+from kiln import findings, paths
 from kiln.errors import KilnError
-from kiln.findings import MISSING, STALE
 from kiln.util import read_json
 
 
@@ -59,6 +58,7 @@ class Run:
     summary: Path
     columns: list[str]
     models: list[Model]
+    deploy: list[dict] = field(default_factory=list)  # kiln.findings.deploy: per model x device
 
     def count(self, status: str) -> int:
         return sum(e.status == status for m in self.models for e in m.engines)
@@ -95,7 +95,7 @@ def load(results: str | Path, summary_json: str | Path | None = None, inputs: li
         rec, val = Path(local(paths.fmt(paths.ENGINE_RECORD, **key))), Path(local(paths.fmt(paths.VALIDATION, **key)))
         e.record = read_json(rec) if rec.is_file() else None
         # A stale row's validation is of other files than those there now: none of its numbers are shown.
-        e.validation = read_json(val) if val.is_file() and row["status"] not in (STALE, MISSING) else None
+        e.validation = read_json(val) if val.is_file() and row["status"] not in (findings.STALE, findings.MISSING) else None
         e.pictures = _pictures(e.validation, val.parent)
         names = [("build", f"{dev}_{model}_{prec}"), ("validate", f"{dev}_{model}_{prec}"),
                  ("baseline", f"{dev}_{model}")]  # the PyTorch timing this engine's speed-up is against
@@ -104,7 +104,9 @@ def load(results: str | Path, summary_json: str | Path | None = None, inputs: li
     for m in models.values():
         m.logs = _model_logs(results, m)
     columns = summary.get("columns") or (list(rows[0]) if rows else [])
-    return Run(summary_json, columns, list(models.values()))
+    # Summaries written before the deploy table existed get it computed from their rows (kiln compare reads old runs).
+    deploy = summary.get("deploy") or findings.deploy(rows)
+    return Run(summary_json, columns, list(models.values()), deploy)
 
 
 def _pictures(validation: dict | None, folder: Path) -> list[Path]:

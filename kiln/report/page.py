@@ -278,6 +278,33 @@ def _figure_html(f: Figure, base: Path) -> str:
             "</figcaption></figure>")
 
 
+def _opt(v: float | None, digits: int = 2) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def deploy_front(d: dict) -> str:
+    """The Pareto front of one model x device as text: precision (latency, mAP50-95), fastest first."""
+    return ", ".join(f"{p['precision']} ({p['latency_median_ms']:.2f} ms, {p['map50_95']:.4f})" for p in d["pareto"])
+
+
+def _deploy_html(run: Run, m: Model) -> str:
+    rows = [d for d in run.deploy if d["model"] == m.name]
+    if not rows:
+        return ""
+    out = ["<h3>Engine to deploy</h3><table><thead><tr><th>device</th><th>deploy</th><th>p50 ms</th>"
+           "<th>mAP50-95</th><th>Pareto front (latency, mAP50-95)</th></tr></thead><tbody>"]
+    for d in rows:
+        out.append(f"<tr><td>{_e(d['device'])}</td><td><b>{_e(d['deploy'] or 'none: ' + d['why'])}</b></td>"
+                   f"<td>{_e(_opt(d['latency_median_ms']))}</td><td>{_e(_opt(d['map50_95'], 4))}</td>"
+                   f"<td>{_e(deploy_front(d))}</td></tr>")
+    out.append("</tbody></table>")
+    out.append(_deploy_html(run, m))
+    notes_ = [n for d in rows for n in d["not_faster"]]
+    if notes_:
+        out.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes_) + "</ul>")
+    return "".join(out)
+
+
 def _model_html(run: Run, m: Model, figures: list[Figure], base: Path) -> str:
     sid = "model-" + m.name
     out = [f'<section id="{_e(sid)}" data-model="{_e(m.name)}">', f"<h2>{_e(m.name)}</h2>"]
@@ -416,6 +443,12 @@ def render_markdown(run: Run, figures: dict[str, list[Figure]], base: Path) -> s
         cols = columns(run, m)
         out += ["", "### Engines", ""]
         out += _md_table([h for _, h, _ in cols], [[cell(e, k, f) for k, _, f in cols] for e in m.engines])
+        out += ["", "### Engine to deploy", ""]
+        out += _md_table(["device", "deploy", "p50 ms", "mAP50-95", "Pareto front (latency, mAP50-95)"],
+                         [[d["device"], d["deploy"] or f"none: {d['why']}", _opt(d["latency_median_ms"]),
+                           _opt(d["map50_95"], 4), deploy_front(d)] for d in run.deploy if d["model"] == m.name])
+        slow = [f"- {n}" for d in run.deploy if d["model"] == m.name for n in d["not_faster"]]
+        out += ["", *slow] if slow else []
         out += ["", "### Failures and skips", ""]
         rs = reasons(m)
         out += [f"- {d} {', '.join(ps)}: **{s}**: {r}" for d, s, ps, r in rs] or ["Every engine of this model passed."]

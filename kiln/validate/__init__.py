@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln import accuracy, backends, integrity, latency, paths
+from kiln import accuracy, backends, integrity, latency, parity, paths
 from kiln.batches import load as load_inputs
 from kiln.batches import run_batches
-from kiln.specs import KilnConfig
+from kiln.parity import gate
+from kiln.specs import KilnConfig, base_precision
 from kiln.util import read_json, write_json
-from kiln.validate import parity, pictures, pipeline
+from kiln.validate import pictures, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def params(cfg: KilnConfig, device: str, model: str, precision: str) -> dict:
     v = cfg.validation
     d = cfg.devices[device]
     return {
-        "thresholds": v["thresholds"][precision],
+        "thresholds": v["thresholds"][base_precision(precision)],
         "latency": v["latency"],
         "batch_sizes": list(d.batch_sizes),
         "batch_size": v["batch_size"],
@@ -47,26 +48,6 @@ def params(cfg: KilnConfig, device: str, model: str, precision: str) -> dict:
         "gpu_timing": GPU_TIMING,
         "pictures": PICTURES,
     }
-
-
-def gate(layout: str, thresholds: dict, result: dict) -> list[str]:
-    """Every threshold the result misses, as readable reasons (empty list = pass)."""
-    failures = []
-    if layout == "rtdetr" or "detections" in result["parity"]:  # top-k or NMS outputs: matched as detections
-        rate = result["parity"]["detections"]["match_rate"]
-        if rate < thresholds["match_rate_min"]:
-            failures.append(f"detection match rate {rate:.3f} < {thresholds['match_rate_min']}")
-    else:
-        for name, m in result["parity"]["outputs"].items():
-            if "error" in m:
-                failures.append(f"output {name}: {m['error']}")
-            elif m["cosine"] < thresholds["cosine_min"]:
-                failures.append(f"output {name} cosine {m['cosine']:.5f} < {thresholds['cosine_min']}")
-    for key, limit in (("map50_drop", "map50_drop_max"), ("map_drop", "map_drop_max")):
-        drop = result["accuracy"][key]
-        if drop > thresholds[limit]:
-            failures.append(f"{key.replace('_', ' ')} {drop:.4f} > {thresholds[limit]}")
-    return failures
 
 
 def validate(
@@ -148,7 +129,7 @@ def validate(
     runner.close()
     result.update(_speedup(baseline, lat))
 
-    failures = gate(spec.layout, v["thresholds"][precision], result)
+    failures = gate(spec.layout, v["thresholds"][base_precision(precision)], result)
     result.update(status="passed" if not failures else "failed", reason="; ".join(failures) or None)
     write_json(out, result)
     log.info("validate %s/%s/%s: %s mAP50 %.4f (drop %.4f) p50 %.2f ms%s", device, model, precision,

@@ -1,8 +1,12 @@
-"""Parity of an engine's outputs against the fp32 reference.
+"""Parity of a model's outputs against the fp32 reference, and the accuracy gate.
 
 Dense outputs are compared elementwise. Top-k detection outputs (RT-DETR style)
 are also compared as detections, since a legitimately different order of equal
 scores would make an elementwise comparison fail.
+
+Shared by the stages that judge outputs against the reference: validate (on the
+validation split, on the device) and sensitivity / the mixed-precision fallback
+(on the calibration split, ONNX Runtime CPU); below all of them.
 """
 
 from __future__ import annotations
@@ -71,3 +75,26 @@ def detections(ref: list[dict], out: list[dict], min_score: float, iou: float = 
         "min_score": min_score,
         "iou": iou,
     }
+
+
+def gate(layout: str, thresholds: dict, result: dict) -> list[str]:
+    """Every threshold the result misses, as readable reasons (empty list = pass).
+
+    `result` holds `parity` (outputs, detections where matched) and `accuracy` (map50_drop, map_drop).
+    """
+    failures = []
+    if layout == "rtdetr" or "detections" in result["parity"]:  # top-k or NMS outputs: matched as detections
+        rate = result["parity"]["detections"]["match_rate"]
+        if rate < thresholds["match_rate_min"]:
+            failures.append(f"detection match rate {rate:.3f} < {thresholds['match_rate_min']}")
+    else:
+        for name, m in result["parity"]["outputs"].items():
+            if "error" in m:
+                failures.append(f"output {name}: {m['error']}")
+            elif m["cosine"] < thresholds["cosine_min"]:
+                failures.append(f"output {name} cosine {m['cosine']:.5f} < {thresholds['cosine_min']}")
+    for key, limit in (("map50_drop", "map50_drop_max"), ("map_drop", "map_drop_max")):
+        drop = result["accuracy"][key]
+        if drop > thresholds[limit]:
+            failures.append(f"{key.replace('_', ' ')} {drop:.4f} > {thresholds[limit]}")
+    return failures

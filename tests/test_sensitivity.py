@@ -1,0 +1,162 @@
+"""Layer sensitivity, the mixed fallback variant, and the engine to deploy (docs/accuracy.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kiln import findings, sensitivity
+from kiln.config import load
+from kiln.errors import KilnError
+from kiln.specs import base_precision
+
+
+def _qdq_model() -> onnx.ModelProto:
+    """x -> Q/DQ -> Conv(w: Q/DQ) -> y, and x -> Relu (not quantized) -> z."""
+    w = numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")
+    s = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zp = numpy_helper.from_array(np.array(0, np.int8), "zp")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="xq"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="xd"),
+        helper.make_node("QuantizeLinear", ["w", "s", "zp"], ["wq"], name="wq"),
+        helper.make_node("DequantizeLinear", ["wq", "s", "zp"], ["wd"], name="wd"),
+        helper.make_node("Conv", ["xd", "wd"], ["y"], name="/head/cls.0/cls.0.2/Conv"),
+        helper.make_node("Relu", ["x"], ["z"], name="/Relu"),
+    ]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, 2, 2]) for n in ("x", "y", "z")]
+    g = helper.make_graph(nodes, "g", [vi[0]], vi[1:], [w, s, zp])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_regions_are_the_quantized_nodes_and_bypass_restores_their_inputs():
+    import onnxruntime as ort
+
+    m = _qdq_model()
+    found = sensitivity.regions(m)
+    assert [(r["node"], r["op_type"], r["block"], r["quantized_inputs"]) for r in found] == [
+        ("/head/cls.0/cls.0.2/Conv", "Conv", "/head/cls.0", 2)]
+    x = np.array([[[[0.123, 0.456], [1.0, -0.77]]]], np.float32)
+
+    def y(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["y"], {"x": x})[0]
+
+    assert not np.allclose(y(m), x)  # 0.1 steps: quantized
+    kept = sensitivity.bypass(m, {"/head/cls.0/cls.0.2/Conv"})
+    np.testing.assert_allclose(y(kept), x, rtol=1e-6)  # weight 1 in fp32, input unquantized
+    assert [n.input[:2] for n in kept.graph.node if n.op_type == "Conv"] == [["x", "w"]]
+    assert [n.input[:2] for n in m.graph.node if n.op_type == "Conv"] == [["xd", "wd"]]  # the original untouched
+
+
+def test_block_names_follow_the_surgery_graph_scopes():
+    assert sensitivity.block_of("/backbone/stage2/stage2.0/conv/Conv") == "/backbone/stage2"
+    assert sensitivity.block_of("/Add_8") == "/Add_8"
+
+
+def _row(precision, latency, map_, status="passed", device="cpu", model="m"):
+    return {"model": model, "device": device, "precision": precision, "status": status,
+            "latency_median_ms": latency, "map50_95": map_, "batch_size": 1, "reason": None}
+
+
+def test_deploy_names_the_fastest_passing_engine_and_flags_lower_precisions_that_are_not_faster():
+    rows = [_row("fp32", 30.0, 0.80), _row("fp16", 32.0, 0.80), _row("int8", 20.0, 0.50, "failed"),
+            _row("int8-mixed", 25.0, 0.79)]
+    slow = findings.not_faster(rows)
+    assert slow == {("m", "cpu", "fp16"): "fp16 is not faster than fp32 on cpu (32.00 ms against 30.00 ms median "
+                                          "at batch 1)"}
+    (d,) = findings.deploy(rows)
+    assert d["deploy"] == "int8-mixed" and d["latency_median_ms"] == 25.0
+    assert [p["precision"] for p in d["pareto"]] == ["int8", "int8-mixed", "fp32"]  # fp16: slower, no better
+    assert d["not_faster"] == [slow[("m", "cpu", "fp16")]]
+    rows[1]["latency_median_ms"] = 40.0
+    rows.append(_row("int8", 45.0, 0.80, device="gpu"))
+    rows.append(_row("fp16", 41.0, 0.80, device="gpu"))
+    assert findings.not_faster(rows)[("m", "gpu", "int8")].startswith("int8 is not faster than fp16 on gpu")
+    none = findings.deploy([_row("int8", 20.0, 0.5, "failed")])[0]
+    assert none["deploy"] is None and none["why"] == "no engine of this model passes every gate on this device"
+
+
+def test_hints_name_the_config_keys():
+    failed = _row("int8", 20.0, 0.5, "failed")
+    hint = findings.sensitivity_hint(failed, ("fp32", "int8"))
+    assert "models.m.sensitivity.precisions: [int8]" in hint and "add int8-mixed to devices.cpu.precisions" in hint
+    assert findings.sensitivity_hint(_row("int8", 20.0, 0.5), ("int8",)) is None
+    fp16 = _row("fp16", 20.0, 0.5, "failed")
+    assert "set devices.cpu.tf32: false" in findings.tf32_hint(fp16, {"options": {"tf32": True}})
+    assert findings.tf32_hint(fp16, {"options": {"tf32": False}}) is None
+    assert findings.tf32_hint(_row("int8", 1.0, 0.5, "failed"), {"options": {"tf32": True}}) is None
+
+
+def test_mixed_precision_names(config_dict):
+    assert base_precision("int8-mixed") == "int8" and base_precision("fp16") == "fp16"
+    config_dict["devices"]["cpu"]["precisions"] = ["fp32", "int8", "int8-mixed"]
+    config_dict["models"]["yolo_demo"]["sensitivity"] = {"precisions": ["int8"], "max_nodes": 3}
+    cfg = load(config_dict, check_paths=False)
+    assert cfg.devices["cpu"].variant_of("int8-mixed") == "int8-mixed"
+    assert ("cpu", "yolo_demo", "int8-mixed") in cfg.jobs()
+    assert ("yolo_demo", 17, "int8") in sensitivity.wanted(cfg)
+    assert "results/sensitivity/yolo_demo/opset17/int8.md" in sensitivity.targets(cfg)
+
+
+def test_mixed_variant_on_a_device_that_builds_int8_from_fp32_is_refused(config_dict):
+    config_dict["devices"] = {"orin": {"backend": "tensorrt", "compute_capability": "8.7",
+                                       "tensorrt": {"min": "8.5", "max": "8.5"}, "opset": 16, "jetson": True,
+                                       "precisions": ["int8", "int8-mixed"], "int8_mode": "calibrator",
+                                       "batch_sizes": [1]}}
+    with pytest.raises(KilnError, match=r"'devices.orin.precisions' lists int8-mixed, but this device builds int8 "
+                                        r"from the fp32 ONNX .*remove int8-mixed or build int8 from Q/DQ"):
+        load(config_dict, check_paths=False)
+
+
+def test_sensitivity_images_beyond_the_calibration_split_are_refused(config_dict):
+    config_dict["models"]["yolo_demo"]["sensitivity"] = {"images": 99}
+    with pytest.raises(KilnError, match=r"'models.yolo_demo.sensitivity.images' is 99 but dataset 'demo' has "
+                                        r"calib.count 8: lower one or raise the other"):
+        load(config_dict, check_paths=False)
+
+
+@pytest.mark.integration
+def test_the_sensitive_example_end_to_end(tmp_path):
+    """examples/sensitive.yaml, smaller: strict int8 fails its gate on ONNX Runtime CPU, the sensitivity table
+    ranks the outlier's class-branch Convs first, int8-mixed keeps them in fp16 and passes; the summary says so
+    and names the engine to deploy. About two minutes on two busy cores (sensitivity: 44 regions one at a time)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from kiln.util import read_json
+    from tests.conftest import REPO
+
+    if not (REPO / "models" / "demo_yolo.pt").is_file():
+        pytest.skip("committed checkpoint models/demo_yolo.pt is missing")
+    (tmp_path / "models").mkdir()
+    shutil.copy(REPO / "models" / "demo_yolo.pt", tmp_path / "models" / "demo_yolo.pt")
+    config = yaml.safe_load((REPO / "examples" / "sensitive.yaml").read_text())
+    config["devices"]["cpu"]["precisions"] = ["int8", "int8-mixed"]
+    config["validation"]["latency"] = {"warmup_ms": 10, "min_iterations": 5, "min_seconds": 0.05}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(tmp_path / "config.yaml"), "--cores", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    table = read_json(tmp_path / "results/sensitivity/yolo_sensitive/opset17/int8.json")
+    assert table["split"] == "calib" and not table["strict"]["passed"]
+    assert table["regions"][0]["node"].startswith("/head/cls.")
+    record = read_json(tmp_path / "results/onnx/yolo_sensitive/opset17/int8-mixed.json")
+    kept = [k["node"] for k in record["fallback"]["kept"]]
+    assert record["fallback"]["passed_on_calib"] and 1 <= len(kept) <= 6
+    assert all(k.startswith("/head/cls.") for k in kept)
+    rows = {r["precision"]: r for r in read_json(tmp_path / "results/report/summary.json")["rows"]}
+    assert rows["int8"]["status"] == "failed" and "map50 drop" in rows["int8"]["reason"]
+    assert "add int8-mixed to devices.cpu.precisions" in rows["int8"]["hint"]
+    assert rows["int8-mixed"]["status"] == "passed" and kept[0] in rows["int8-mixed"]["kept"]
+    deploy = read_json(tmp_path / "results/report/summary.json")["deploy"]
+    assert [(d["model"], d["device"], d["deploy"]) for d in deploy] == [("yolo_sensitive", "cpu", "int8-mixed")]
+    assert "## Engine to deploy" in (tmp_path / "results/report/summary.md").read_text()
+    assert "Engine to deploy" in (tmp_path / "results/report/kiln.md").read_text()
