@@ -25,9 +25,9 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-# The demo's jobs per rule (config.yaml on a CPU host): 49, with `all`.
+# The demo's jobs per rule (config.yaml on a CPU host): 51, with `all`.
 DEMO = {"dataset": 2, "inputs": 4, "export": 2, "simplify": 2, "surgery": 2, "precision": 4, "quantize": 2,
-        "reference": 2, "build": 12, "diagnose": 6, "baseline": 2, "validate": 6, "summary": 1, "page": 1}
+        "reference": 2, "build": 12, "diagnose": 6, "baseline": 2, "validate": 6, "serve": 2, "summary": 1, "page": 1}
 
 # Module edited -> {rule: jobs whose code fingerprint changes}; a module not listed changes none.
 EXPECTED = {
@@ -51,62 +51,88 @@ EXPECTED = {
     'kiln/report/data.py': {'page': 1},
     'kiln/report/page.py': {'page': 1},
     'kiln/report/plots.py': {'page': 1},
+    'kiln/serve/__init__.py': {'serve': 2},
+    'kiln/serve/deepstream.py': {'serve': 2},
+    'kiln/serve/triton.py': {'serve': 2},
     'kiln/simplify.py': {'simplify': 2},
     'kiln/summary.py': {'summary': 1},
     'kiln/surgery.py': {'surgery': 2},
     'kiln/validate/__init__.py': {'validate': 6},
-    'kiln/validate/parity.py': {'validate': 6},
     'kiln/validate/pictures.py': {'validate': 6},
     'kiln/validate/pipeline.py': {'validate': 6},
-    # Backends: their own devices' jobs (the reference runs on ONNX Runtime's CPU provider by design; no
-    # TensorRT device is built or run on this host, so its module changes none here).
-    'kiln/backends/__init__.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'surgery': 2, 'validate': 6},
-    'kiln/backends/base.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'reference': 2, 'surgery': 2, 'validate': 6},
+    # Backends: their own devices' jobs (the reference runs on ONNX Runtime's CPU provider by design; the
+    # CUDA provider's guard uses the shared GPU probe in backends/trt/host.py; no TensorRT device is built
+    # or run on this host, so its module changes none here).
+    'kiln/backends/__init__.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'serve': 2, 'surgery': 2, 'validate': 6},
+    'kiln/backends/base.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'reference': 2, 'serve': 2, 'surgery': 2, 'validate': 6},
+    'kiln/backends/cuda.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'reference': 2, 'validate': 6},
     'kiln/backends/onnxruntime.py': {'baseline': 2, 'build': 6, 'reference': 2, 'validate': 6},
     'kiln/backends/ort_capabilities.py': {'baseline': 2, 'build': 6, 'reference': 2, 'validate': 6},
+    'kiln/backends/ort_cuda.py': {'baseline': 2, 'build': 6, 'reference': 2, 'validate': 6},
     'kiln/backends/tensorrt_rtx.py': {'build': 6, 'diagnose': 6},
-    'kiln/backends/trt/__init__.py': {'build': 6, 'diagnose': 6},
+    'kiln/backends/trt/__init__.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'reference': 2, 'validate': 6},
     'kiln/backends/trt/backend.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/builder.py': {'build': 6, 'diagnose': 6},
-    'kiln/backends/cuda.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/diagnose.py': {'build': 6, 'diagnose': 6},
-    'kiln/backends/trt/host.py': {'build': 6, 'diagnose': 6},
-    'kiln/backends/trt/importer.py': {'build': 6, 'diagnose': 6},
+    'kiln/backends/trt/host.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'reference': 2, 'validate': 6},
+    'kiln/backends/trt/importer.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'reference': 2, 'validate': 6},
     'kiln/backends/trt/io.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/layers.py': {'build': 6, 'diagnose': 6},
-    'kiln/backends/trt/ops.py': {'build': 6, 'diagnose': 6},
+    'kiln/backends/trt/ops.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'reference': 2, 'validate': 6},
     'kiln/backends/trt/parser.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/profile.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/runner.py': {'build': 6, 'diagnose': 6},
     'kiln/backends/trt/trtexec.py': {'build': 6, 'diagnose': 6},
     # Model sources and dataset generators: the jobs of the models and datasets that use them.
+    'kiln/demo/models.py': {'baseline': 2, 'export': 2},
     'kiln/demo/shapes.py': {'dataset': 2},
     'kiln/sources/__init__.py': {'baseline': 2, 'export': 2},
     'kiln/sources/factories.py': {'baseline': 2, 'export': 2},
-    'kiln/demo/models.py': {'baseline': 2, 'export': 2},  # the demo's factories: their spec params
     'kiln/sources/torch.py': {'baseline': 2, 'export': 2},
     # Shared helpers below the stages: exactly the stages that import them.
-    'kiln/__init__.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'export': 2, 'page': 1, 'quantize': 2, 'reference': 2, 'summary': 1, 'surgery': 2, 'validate': 6},
+    'kiln/__init__.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'export': 2, 'page': 1, 'quantize': 2, 'reference': 2, 'serve': 2, 'summary': 1, 'surgery': 2, 'validate': 6},
     'kiln/accuracy.py': {'reference': 2, 'validate': 6},
     'kiln/batches.py': {'baseline': 2, 'quantize': 2, 'reference': 2, 'validate': 6},
     'kiln/cache.py': {'baseline': 2, 'build': 6, 'export': 2, 'reference': 2, 'validate': 6},
-    'kiln/coco.py': {'dataset': 2, 'inputs': 4, 'validate': 6},
-    'kiln/errors.py': {'baseline': 2, 'build': 12, 'dataset': 2, 'diagnose': 6, 'export': 2, 'inputs': 4, 'page': 1, 'precision': 4, 'quantize': 2, 'reference': 2, 'summary': 1, 'surgery': 2, 'validate': 6},
+    'kiln/coco.py': {'build': 12, 'dataset': 2, 'inputs': 4, 'validate': 6},
+    'kiln/draw.py': {'validate': 6},
+    'kiln/errors.py': {'baseline': 2, 'build': 12, 'dataset': 2, 'diagnose': 6, 'export': 2, 'inputs': 4, 'page': 1, 'precision': 4, 'quantize': 2, 'reference': 2, 'serve': 2, 'summary': 1, 'surgery': 2, 'validate': 6},
     'kiln/findings.py': {'page': 1, 'summary': 1},
     'kiln/fingerprint.py': {'baseline': 2, 'export': 2},
-    'kiln/integrity.py': {'build': 12, 'diagnose': 6, 'reference': 2, 'summary': 1, 'validate': 6},
+    'kiln/integrity.py': {'build': 12, 'diagnose': 6, 'reference': 2, 'serve': 2, 'summary': 1, 'validate': 6},
     'kiln/latency.py': {'baseline': 2, 'validate': 6},
     'kiln/metrics.py': {'reference': 2, 'validate': 6},
     'kiln/numerics.py': {'export': 2},
-    'kiln/paths.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'page': 1, 'quantize': 2, 'summary': 1, 'validate': 6},
+    'kiln/parity.py': {'validate': 6},
+    'kiln/paths.py': {'baseline': 2, 'build': 12, 'diagnose': 6, 'page': 1, 'quantize': 2, 'serve': 2, 'summary': 1, 'validate': 6},
     'kiln/postprocess.py': {'reference': 2, 'validate': 6},
-    'kiln/preprocess.py': {'inputs': 4, 'validate': 6},
+    'kiln/preprocess.py': {'baseline': 2, 'inputs': 4, 'quantize': 2, 'reference': 2, 'validate': 6},
     'kiln/specs.py': {'baseline': 2, 'build': 12, 'dataset': 2, 'diagnose': 6, 'export': 2, 'inputs': 4, 'page': 1, 'quantize': 2, 'reference': 2, 'summary': 1, 'validate': 6},
-    'kiln/util.py': {'baseline': 2, 'build': 12, 'dataset': 2, 'diagnose': 6, 'export': 2, 'inputs': 4, 'page': 1, 'precision': 4, 'quantize': 2, 'reference': 2, 'simplify': 2, 'summary': 1, 'surgery': 2, 'validate': 6},
+    'kiln/util.py': {'baseline': 2, 'build': 12, 'dataset': 2, 'diagnose': 6, 'export': 2, 'inputs': 4, 'page': 1, 'precision': 4, 'quantize': 2, 'reference': 2, 'serve': 2, 'simplify': 2, 'summary': 1, 'surgery': 2, 'validate': 6},
 }
-# Modules that change no job: what plans and checks (config, workflow, CLI, lock), what no demo job runs
-# (the TensorRT backend, the Ultralytics and RT-DETR sources, the trainer), and package markers.
-CHANGE_NOTHING = ('kiln/backends/tensorrt.py', 'kiln/cli.py', 'kiln/compare.py', 'kiln/config.py', 'kiln/demo/__init__.py', 'kiln/demo/train.py', 'kiln/entry.py', 'kiln/envlock.py', 'kiln/lock.py', 'kiln/precision/__init__.py', 'kiln/sources/rtdetr.py', 'kiln/sources/ultralytics.py', 'kiln/workflow.py')
+# Modules that change no job of the demo: what plans and checks (config, workflow, CLI, lock), what no demo
+# job runs (the TensorRT backend, the Ultralytics and RT-DETR sources, sensitivity and fallback, which the
+# demo does not ask for, the runtime and `kiln predict`, the trainer), and package markers.
+CHANGE_NOTHING = (
+    'kiln/backends/tensorrt.py',
+    'kiln/cli.py',
+    'kiln/compare.py',
+    'kiln/config.py',
+    'kiln/demo/__init__.py',
+    'kiln/demo/train.py',
+    'kiln/entry.py',
+    'kiln/envlock.py',
+    'kiln/judge.py',
+    'kiln/lock.py',
+    'kiln/precision/__init__.py',
+    'kiln/precision/fallback.py',
+    'kiln/predict.py',
+    'kiln/runtime.py',
+    'kiln/sensitivity.py',
+    'kiln/sources/rtdetr.py',
+    'kiln/sources/ultralytics.py',
+    'kiln/workflow.py',
+)
 # One module of each floor also goes through a real dry run.
 DRY_RUN = ("kiln/sources/ultralytics.py", "kiln/backends/onnxruntime.py", "kiln/report/plots.py",
            "kiln/demo/shapes.py", "kiln/latency.py", "kiln/precision/quantize.py", "kiln/config.py")
