@@ -22,6 +22,7 @@ import numpy as np
 from kiln import accuracy, backends, integrity, latency, paths
 from kiln.batches import load as load_inputs
 from kiln.batches import run_batches
+from kiln.findings import NOT_MEASURABLE
 from kiln.specs import KilnConfig
 from kiln.util import read_json, write_json
 from kiln.validate import parity, pictures, pipeline
@@ -42,6 +43,7 @@ def params(cfg: KilnConfig, device: str, model: str, precision: str) -> dict:
         "batch_sizes": list(d.batch_sizes),
         "batch_size": v["batch_size"],
         "match_score": v["match_score"],
+        "min_reference_map": v["min_reference_map"],
         "threads": d.threads,
         "decode": cfg.models[model].decode,
         "gpu_timing": GPU_TIMING,
@@ -49,24 +51,55 @@ def params(cfg: KilnConfig, device: str, model: str, precision: str) -> dict:
     }
 
 
+# What a part's reason calls it, by the record's shape (kiln.validate.parity.parts).
+PART_NAMES = {"boxes": "box coordinates (output0 rows 0-3)", "scores": "class scores (output0 rows 4:)",
+              "classes": "best class"}
+
+
 def gate(layout: str, thresholds: dict, result: dict) -> list[str]:
-    """Every threshold the result misses, as readable reasons (empty list = pass)."""
+    """Every threshold the result misses, as readable reasons (empty list = pass).
+
+    Each semantic part of the outputs has its own threshold (kiln.validate.parity.checks), and the
+    decoded detections are matched for every layout; a whole-output cosine is gated only on dense
+    (yolo, no NMS) outputs, where it is one check among the parts.
+    """
     failures = []
-    if layout == "rtdetr" or "detections" in result["parity"]:  # top-k or NMS outputs: matched as detections
-        rate = result["parity"]["detections"]["match_rate"]
-        if rate < thresholds["match_rate_min"]:
-            failures.append(f"detection match rate {rate:.3f} < {thresholds['match_rate_min']}")
-    else:
-        for name, m in result["parity"]["outputs"].items():
-            if "error" in m:
-                failures.append(f"output {name}: {m['error']}")
-            elif m["cosine"] < thresholds["cosine_min"]:
-                failures.append(f"output {name} cosine {m['cosine']:.5f} < {thresholds['cosine_min']}")
+    par = result["parity"]
+    dense_outputs = layout != "rtdetr" and ("detections" not in par or "boxes" in par.get("parts", {}))
+    for name, m in par["outputs"].items():
+        if "error" in m:
+            failures.append(f"output {name}: {m['error']}")
+        elif dense_outputs and m["cosine"] < thresholds["cosine_min"]:
+            failures.append(f"output {name} cosine {m['cosine']:.5f} < {thresholds['cosine_min']}")
+    for c in parity.checks(par, thresholds):
+        if c["value"] >= c["min"]:
+            continue
+        if c["part"] == "detections":
+            what = {"match_rate": "detection match rate", "mean_box_iou": "mean box IoU of matched detections"}
+            failures.append(f"{what[c['metric']]} {c['value']:.3f} < {c['min']}")
+        elif c["part"] == "classes":
+            n = par["parts"]["classes"]["anchors"]
+            failures.append(f"best class kept on {c['value']:.3f} of {n} anchors the reference scores "
+                            f">= {par['parts']['classes']['min_score']} < {c['min']}")
+        else:
+            name = "top-k scores (sorted)" if par["parts"][c["part"]].get("sorted") else PART_NAMES[c["part"]]
+            failures.append(f"{name} cosine {c['value']:.5f} < {c['min']}")
     for key, limit in (("map50_drop", "map50_drop_max"), ("map_drop", "map_drop_max")):
         drop = result["accuracy"][key]
         if drop > thresholds[limit]:
             failures.append(f"{key.replace('_', ' ')} {drop:.4f} > {thresholds[limit]}")
     return failures
+
+
+def measurable(reference_detections: int, images: int, conf: float, reference_map: float, floor: float) -> str | None:
+    """Why a validation can measure nothing (None when it can): no reference detections, or a reference mAP
+    below `validation.min_reference_map`. Parity and mAP drops against such a reference prove nothing."""
+    if reference_detections == 0:
+        return f"the reference makes no detections above conf {conf} on {images} images"
+    if reference_map < floor:
+        return (f"reference mAP50-95 {reference_map:.4f} is below validation.min_reference_map {floor}: "
+                f"with random weights nothing can be compared")
+    return None
 
 
 def validate(
@@ -117,11 +150,12 @@ def validate(
 
     with np.load(reference_npz) as z:
         ref = {k: z[k] for k in z.files}
-    par = {"outputs": {name: parity.dense(ref[name], outputs[name]) for name in ref}}
+    par = {"outputs": {name: parity.dense(ref[name], outputs[name]) for name in ref},
+           "parts": parity.parts(spec.layout, spec.nms, ref, outputs, v["match_score"])}
     dets = accuracy.detections(spec, outputs, inputs)
-    if spec.detection_outputs:
-        ref_dets = accuracy.detections(spec, ref, inputs)
-        par["detections"] = parity.detections(ref_dets, dets, v["match_score"])
+    # The reference decoded and NMSed with the same code: every layout is matched as detections.
+    ref_dets = accuracy.detections(spec, ref, inputs)
+    par["detections"] = parity.detections(ref_dets, dets, v["match_score"])
     acc = accuracy.score(dets, inputs, annotations)
     ref_acc = ref_info["accuracy"]
     acc.update(
@@ -147,12 +181,21 @@ def validate(
     runner.close()
     result.update(_speedup(baseline, lat))
 
-    failures = gate(spec.layout, v["thresholds"][precision], result)
-    result.update(status="passed" if not failures else "failed", reason="; ".join(failures) or None)
+    thresholds = v["thresholds"][precision]
+    par["weakest"] = parity.weakest(parity.checks(par, thresholds))
+    failures = gate(spec.layout, thresholds, result)
+    # Counted at the score the matching requires (validation.match_score): below it nothing is matched.
+    unmeasurable = measurable(par["detections"]["reference_detections"], len(inputs), v["match_score"],
+                              ref_acc["map50_95"], v["min_reference_map"])
+    if unmeasurable:  # neither passed nor failed: the gates compare against a reference that shows nothing
+        reason = unmeasurable + (f" (gates: {'; '.join(failures)})" if failures else "")
+        result.update(status=NOT_MEASURABLE, reason=reason)
+    else:
+        result.update(status="passed" if not failures else "failed", reason="; ".join(failures) or None)
     write_json(out, result)
     log.info("validate %s/%s/%s: %s mAP50 %.4f (drop %.4f) p50 %.2f ms%s", device, model, precision,
              result["status"], acc["map50"], acc["map50_drop"], lat[0]["median_ms"],
-             f" ({result['reason']})" if failures else "")
+             f" ({result['reason']})" if result["reason"] else "")
     return result
 
 
