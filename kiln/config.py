@@ -252,6 +252,14 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
                     )
         devices[name] = device
 
+    # A precision's thresholds given in part keep the defaults of the keys left out (e.g. one written
+    # before the per-part keys existed): the gates read every key.
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    defaults = schema["properties"]["validation"]["properties"]["thresholds"]["properties"]
+    thresholds = data["validation"]["thresholds"]
+    for precision, given in thresholds.items():
+        thresholds[precision] = {**defaults[precision]["default"], **given}
+
     return KilnConfig(
         results=data["results"].rstrip("/"),
         datasets=datasets,

@@ -272,8 +272,13 @@ def test_cpu_device_validates_every_model_and_precision(dag):
             assert v["build"]["status"] == "built" and row["status"] == v["status"], (m, p, v["status"], v["reason"])
             assert v["latency"][0]["median_ms"] > 0 and row["latency_median_ms"] == v["latency"][0]["median_ms"]
             assert v["parity"], (m, p)
-        # The fp32 engine is the reference graph optimized by ONNX Runtime: it must agree and pass.
-        assert rows[(m, "cpu", "fp32")]["status"] == "passed", rows[(m, "cpu", "fp32")]
+        # Random weights: every row's reference measures nothing, so no row passes or fails (issue 15). The fp32
+        # engine is the reference graph optimized by ONNX Runtime: it must agree, within every gate.
+        for p in ("fp32", "fp16", "int8"):
+            row = rows[(m, "cpu", p)]
+            assert row["status"] == "not measurable", row
+            assert row["reason"].startswith(("reference mAP50-95 ", "the reference makes no detections")), row
+        assert "(gates:" not in rows[(m, "cpu", "fp32")]["reason"], rows[(m, "cpu", "fp32")]
         if tensorrt_rtx.is_available():
             assert rows[(m, "rtx", "fp32")]["status"] == "built"  # ahead of time: no CUDA driver to run it here
         assert rows[(m, "orin", "fp16")]["status"] == "not run"

@@ -91,6 +91,16 @@ def gate(layout: str, thresholds: dict, result: dict) -> list[str]:
     return failures
 
 
+def compare(spec, ref: dict, outputs: dict, inputs, match_score: float) -> tuple[dict, list[dict]]:
+    """The engine's outputs against the reference's: whole outputs, their semantic parts, and detections
+    (both decoded and NMSed with the same code, kiln.accuracy, for every layout); and the engine's detections."""
+    par = {"outputs": {name: parity.dense(ref[name], outputs[name]) for name in ref},
+           "parts": parity.parts(spec.layout, spec.nms, ref, outputs, match_score)}
+    dets = accuracy.detections(spec, outputs, inputs)
+    par["detections"] = parity.detections(accuracy.detections(spec, ref, inputs), dets, match_score)
+    return par, dets
+
+
 def measurable(reference_detections: int, images: int, conf: float, reference_map: float, floor: float) -> str | None:
     """Why a validation can measure nothing (None when it can): no reference detections, or a reference mAP
     below `validation.min_reference_map`. Parity and mAP drops against such a reference prove nothing."""
@@ -150,12 +160,7 @@ def validate(
 
     with np.load(reference_npz) as z:
         ref = {k: z[k] for k in z.files}
-    par = {"outputs": {name: parity.dense(ref[name], outputs[name]) for name in ref},
-           "parts": parity.parts(spec.layout, spec.nms, ref, outputs, v["match_score"])}
-    dets = accuracy.detections(spec, outputs, inputs)
-    # The reference decoded and NMSed with the same code: every layout is matched as detections.
-    ref_dets = accuracy.detections(spec, ref, inputs)
-    par["detections"] = parity.detections(ref_dets, dets, v["match_score"])
+    par, dets = compare(spec, ref, outputs, inputs, v["match_score"])
     acc = accuracy.score(dets, inputs, annotations)
     ref_acc = ref_info["accuracy"]
     acc.update(
