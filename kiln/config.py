@@ -295,7 +295,8 @@ def _check_classes(model: ModelSpec, dataset: DatasetSpec, base: Path) -> None:
     if have is None or want is None or have[0] == want[0]:
         return
     key = "nc" if model.source == "ultralytics" else "num_classes"
-    fix = (f"set 'models.{model.name}.factory_args.{key}: {want[0]}'" if "factory_args" in have[1]
+    from_config = "factory_args" in have[1] or bool(model.ultralytics_yaml)  # not from trained weights
+    fix = (f"set 'models.{model.name}.factory_args.{key}: {want[0]}'" if from_config
            else f"use a checkpoint of a model trained on the {want[0]} classes")
     raise KilnError(f"config: 'models.{model.name}' has {have[0]} classes ({have[1]}) but its dataset "
                     f"'{dataset.name}' has {want[0]} ({want[1]}): {fix}, or point 'models.{model.name}.dataset' "

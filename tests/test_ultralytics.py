@@ -349,3 +349,26 @@ def test_checkpoint_needs_trust_and_loads_with_it(root, checkpoint, cfg):
         bad = copy.deepcopy(raw)
         bad["models"]["det"]["layout"] = "ultralytics_rtdetr"
         export.build_module(load(bad, base=root).models["det"])
+
+
+def test_class_count_is_known_before_any_job(root, checkpoint, cfg):
+    """Ultralytics: the model YAML's nc (factory_args nc over it), or the nc a trusted .pt's pickle records
+    (read by pickletools, nothing unpickled); an 80-class model on the 3-class demo dataset is refused at load."""
+    import dataclasses
+
+    from kiln.sources import num_classes
+
+    assert num_classes(cfg.models["yolov8n"], root) == (NC, "'models.yolov8n.factory_args.nc'")
+    trusted = dataclasses.replace(cfg.models["yolov8n"], ultralytics_yaml=None, checkpoint=str(checkpoint),
+                                  trust_checkpoint=True)
+    assert num_classes(trusted, root) == (NC, f"checkpoint '{checkpoint}' model yaml nc")
+    raw = raw_config(root)
+    raw["models"] = {"yolov8n": raw["models"]["yolov8n"]}
+    raw["models"]["yolov8n"]["factory_args"] = {}  # the YAML's own nc: 80
+    raw["devices"] = {"cpu": raw["devices"]["cpu"]}
+    with pytest.raises(KilnError) as err:
+        load(raw, base=root)
+    assert str(err.value) == (
+        f"config: 'models.yolov8n' has 80 classes ('{root / 'yolov8n.yaml'}' nc) but its dataset 'demo' has 3 "
+        f"(generator shapes): set 'models.yolov8n.factory_args.nc: 3', or point "
+        f"'models.yolov8n.dataset' at the dataset it was trained on")
