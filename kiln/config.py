@@ -207,6 +207,8 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
             trusted_packages=packages,
             trusted_folders=folders,
         )
+        if check_paths:
+            _check_classes(models[name], datasets[m["dataset"]], base)
 
     from kiln import backends
 
@@ -263,6 +265,15 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
         devices[name] = device
 
     _check_calibration(models, datasets, devices)
+
+    # A precision's thresholds given in part keep the defaults of the keys left out (e.g. one written
+    # before the per-part keys existed): the gates read every key.
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    defaults = schema["properties"]["validation"]["properties"]["thresholds"]["properties"]
+    thresholds = data["validation"]["thresholds"]
+    for precision, given in thresholds.items():
+        thresholds[precision] = {**defaults[precision]["default"], **given}
+
     return KilnConfig(
         results=data["results"].rstrip("/"),
         datasets=datasets,
@@ -309,6 +320,36 @@ def _check_calibration(models: dict, datasets: dict, devices: dict) -> None:
                 f"'{spec.dataset}' has calib.count {have} (calibrated for {', '.join(users)}): lower one or "
                 f"raise the other"
             )
+
+def dataset_classes(spec: DatasetSpec, base: Path) -> tuple[int, str] | None:
+    """(class count, where it was read) of a dataset: its generator's classes or its COCO annotations' categories."""
+    if spec.generator:
+        from kiln.dataset import generator
+
+        return len(generator(spec.generator).CLASS_NAMES), f"generator {spec.generator}"
+    import json
+
+    try:
+        categories = json.loads((base / spec.val_annotations).read_text())["categories"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the dataset stage names what is wrong with the file
+    return len(categories), f"'{spec.val_annotations}' categories"
+
+
+def _check_classes(model: ModelSpec, dataset: DatasetSpec, base: Path) -> None:
+    """Refuse a model whose class count (read from its checkpoint or config) is not its dataset's."""
+    from kiln.sources import num_classes
+
+    have, want = num_classes(model, base), dataset_classes(dataset, base)
+    if have is None or want is None or have[0] == want[0]:
+        return
+    key = "nc" if model.source == "ultralytics" else "num_classes"
+    from_config = "factory_args" in have[1] or bool(model.ultralytics_yaml)  # not from trained weights
+    fix = (f"set 'models.{model.name}.factory_args.{key}: {want[0]}'" if from_config
+           else f"use a checkpoint of a model trained on the {want[0]} classes")
+    raise KilnError(f"config: 'models.{model.name}' has {have[0]} classes ({have[1]}) but its dataset "
+                    f"'{dataset.name}' has {want[0]} ({want[1]}): {fix}, or point 'models.{model.name}.dataset' "
+                    f"at the dataset it was trained on")
 
 
 def load_file(path: str | Path, base: str | Path | None = None, check_paths: bool = True) -> KilnConfig:

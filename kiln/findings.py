@@ -5,6 +5,9 @@ from __future__ import annotations
 # A row's status: validated within every gate or not, built here but not validated, not built here, or
 # neither passed nor failed because its validation is not there or no longer matches its files.
 STALE, MISSING = "stale", "missing"
+# Validated, but its reference shows nothing to compare with (no detections, or an mAP below
+# validation.min_reference_map, as with random weights): neither passed nor failed.
+NOT_MEASURABLE = "not measurable"
 
 
 def latency_notes(validation: dict | None) -> list[str]:
@@ -108,3 +111,11 @@ def tf32_hint(row: dict, engine_record: dict | None) -> str | None:
         return None
     return (f"kiln: this engine was built with TF32 on (engine.json options.tf32: true), which rounds fp32 layers' "
             f"inputs to 10 mantissa bits: set devices.{row['device']}.tf32: false and rebuild")
+
+def describe_check(check: dict | None) -> str | None:
+    """A validation's weakest parity check (kiln.validate.parity.weakest) as the summary and the page show it:
+    "scores 0.9699", "detections match rate 0.9500"; None where the validation recorded none."""
+    if not check:
+        return None
+    name = check["part"] if check["part"] != "detections" else f"detections {check['metric'].replace('_', ' ')}"
+    return f"{name} {check['value']:.4f}"

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from kiln import findings, integrity, paths
-from kiln.findings import MISSING, STALE, latency_notes
+from kiln.findings import MISSING, NOT_MEASURABLE, STALE, describe_check, latency_notes
 from kiln.specs import KilnConfig, base_precision
 from kiln.util import atomic_path, read_json, write_json
 
@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = [
     "model", "device", "precision", "backend", "status", "reason", "simplify", "onnx_bytes", "engine_bytes",
-    "parity_min_cosine", "parity_max_abs", "detection_match_rate", "map50_95", "map50", "map_drop", "map50_drop",
+    "parity_min_cosine", "parity_max_abs", "parity_weakest", "detection_match_rate", "detection_box_iou",
+    "map50_95", "map50", "map_drop", "map50_drop",
     "batch_size", "latency_mean_ms", "latency_median_ms", "latency_p99_ms", "latency_cv_percent", "throughput_ips",
     "gpu_compute_median_ms", "pipeline_median_ms", "pytorch_latency_median_ms", "speedup_vs_pytorch",
     "diagnosis", "flags", "hint", "kept",
@@ -174,8 +175,11 @@ def _row(
         outs = [m for m in v["parity"]["outputs"].values() if "cosine" in m]
         row["parity_min_cosine"] = min(m["cosine"] for m in outs) if outs else None
         row["parity_max_abs"] = max(m["max_abs"] for m in outs) if outs else None
+        # The part of the outputs nearest its threshold (kiln.validate.parity.weakest): "scores 0.9699".
+        row["parity_weakest"] = describe_check(v["parity"].get("weakest"))
         if "detections" in v["parity"]:
             row["detection_match_rate"] = v["parity"]["detections"]["match_rate"]
+            row["detection_box_iou"] = v["parity"]["detections"].get("mean_box_iou")
         a = v["accuracy"]
         row.update(map50_95=a["map50_95"], map50=a["map50"], map_drop=a["map_drop"], map50_drop=a["map50_drop"])
         lat = v["latency"][0]
@@ -231,9 +235,9 @@ def _fmt(value) -> str:
 
 
 def to_markdown(table: list[dict]) -> str:
-    cols = ["model", "device", "precision", "status", "flags", "map50_95", "map50", "map50_drop", "parity_min_cosine",
-            "detection_match_rate", "latency_median_ms", "latency_p99_ms", "throughput_ips", "pipeline_median_ms",
-            "speedup_vs_pytorch", "engine_bytes", "reason", "kept"]
+    cols = ["model", "device", "precision", "status", "flags", "map50_95", "map50", "map50_drop", "parity_weakest",
+            "parity_min_cosine", "detection_match_rate", "latency_median_ms", "latency_p99_ms", "throughput_ips",
+            "pipeline_median_ms", "speedup_vs_pytorch", "engine_bytes", "reason", "kept"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table:
         lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in cols) + " |")
@@ -242,6 +246,9 @@ def to_markdown(table: list[dict]) -> str:
     unstable = sum(r["status"] == "passed" and "latency unstable" in (r["flags"] or "") for r in table)
     if unstable:
         lines.append(f"{unstable} of them with unstable latency (flags).")
+    unmeasured = sum(r["status"] == NOT_MEASURABLE for r in table)
+    if unmeasured:
+        lines.append(f"{unmeasured} rows are {NOT_MEASURABLE}: their reference shows nothing to compare with (reason).")
     stale = [r for r in table if r["status"] in (STALE, MISSING)]
     if stale:
         lines.append(f"{len(stale)} rows are {STALE} or {MISSING}: their validation is not of the files now there "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -160,3 +161,36 @@ def test_calibration_images_checked_only_where_calibration_is_used(config_dict):
     with pytest.raises(KilnError, match=r"^config: 'models.yolo_demo.calibration.images' is 100 but dataset 'demo' "
                                         r"has calib.count 8 \(calibrated for cpu/int8\): lower one or raise the other$"):
         load(config_dict, check_paths=False)
+
+
+def test_class_count_mismatch_is_refused_at_load(workdir, config_dict, tmp_path):
+    """Before any job: the demo factory's num_classes, or a checkpoint whose head says 80, against the
+    3-class demo dataset."""
+    import torch
+
+    from kiln.demo.models import yolo_demo
+
+    wrong = copy.deepcopy(config_dict)
+    wrong["models"]["yolo_demo"]["factory_args"] = {"num_classes": 80}
+    wrong["models"]["yolo_demo"]["checkpoint"] = "models/y80.pt"
+    torch.manual_seed(0)
+    torch.save(yolo_demo(num_classes=80).state_dict(), workdir / "models/y80.pt")
+    with pytest.raises(KilnError) as err:
+        load(wrong, base=workdir)
+    assert str(err.value) == (
+        "config: 'models.yolo_demo' has 80 classes (checkpoint 'models/y80.pt' head.cls.2.2.weight) but its "
+        "dataset 'demo' has 3 (generator shapes): use a checkpoint of a model trained on the 3 classes, or point "
+        "'models.yolo_demo.dataset' at the dataset it was trained on")
+    # A state_dict the head says nothing known of: the factory's num_classes is what is compared.
+    torch.save({"w": torch.zeros(2, 2)}, workdir / "models/plain.pt")
+    wrong["models"]["yolo_demo"]["checkpoint"] = "models/plain.pt"
+    with pytest.raises(KilnError) as err:
+        load(wrong, base=workdir)
+    assert str(err.value).startswith("config: 'models.yolo_demo' has 80 classes ('models.yolo_demo.factory_args."
+                                     "num_classes') but its dataset 'demo' has 3 (generator shapes): set "
+                                     "'models.yolo_demo.factory_args.num_classes: 3'")
+    # The demo as committed: 3 and 3.
+    assert load(config_dict, base=workdir).models["yolo_demo"].factory_args["num_classes"] == 3
+    from kiln.sources import num_classes
+
+    assert num_classes(load(config_dict, base=workdir).models["rtdetr_demo"], workdir)[0] == 3

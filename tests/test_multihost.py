@@ -163,7 +163,7 @@ def test_gathering_host_summary_has_every_row(flow, hosts):
     assert set(rows) == {("cpu", "fp32"), ("edge", "fp32"), ("edge", "int8")}
     for (dev, p), row in rows.items():
         v = read_json(store / f"results/validation/{dev}/yolo_demo/{p}/validation.json")
-        assert row["status"] == v["status"] and row["status"] in ("passed", "failed"), row
+        assert row["status"] == v["status"] and row["status"] == "not measurable", row  # random weights
         assert row["latency_median_ms"] == v["latency"][0]["median_ms"] > 0  # B's measurement, as B wrote it
         assert row["engine_bytes"] == v["build"]["engine_bytes"] > 0
         assert row["simplify"].startswith("simplified") and row["onnx_bytes"] > 10_000

@@ -289,9 +289,9 @@ def test_workflow_writes_the_page_and_snakemake_report(tmp_path):
     assert set(statuses) == {("yolo_demo", "cpu", "fp32"), ("yolo_demo", "cpu", "int8"), ("yolo_demo", "rtx", "fp16"),
                              ("yolo_demo", "h100", "fp16")}
     assert statuses[("yolo_demo", "rtx", "fp16")] == "built" and statuses[("yolo_demo", "h100", "fp16")] == "not run"
-    # Random weights: whether int8 keeps parity is not the point here, only that both were validated.
-    assert statuses[("yolo_demo", "cpu", "fp32")] in ("passed", "failed")
-    assert statuses[("yolo_demo", "cpu", "int8")] in ("passed", "failed")
+    # Random weights: both were validated, and a reference with random weights measures nothing (issue 15).
+    assert statuses[("yolo_demo", "cpu", "fp32")] == "not measurable"
+    assert statuses[("yolo_demo", "cpu", "int8")] == "not measurable"
     # Accuracy vs latency, build time, cpu latency, cpu throughput, and the detection pictures side by side.
     pictures = read_json(results / "validation/cpu/yolo_demo/fp32/validation.json").get("pictures") or []
     assert len(page.images) == 4 + len(pictures)

@@ -287,7 +287,7 @@ def test_summary_has_the_cluster_rows(ran, work):
     rows = {(r["device"], r["precision"]): r for r in read_json(work / "results/report/summary.json")["rows"]}
     assert set(rows) == {("cpu", "fp32"), ("ort90", "fp32"), ("rtx", "fp32")}
     for dev in ("cpu", "ort90"):
-        assert rows[(dev, "fp32")]["status"] in ("passed", "failed") and rows[(dev, "fp32")]["latency_median_ms"] > 0
+        assert rows[(dev, "fp32")]["status"] == "not measurable" and rows[(dev, "fp32")]["latency_median_ms"] > 0
     assert rows[("rtx", "fp32")]["status"] == "built" and rows[("rtx", "fp32")]["engine_bytes"] > 100_000
     # Each validation says which node ran it.
     assert read_json(work / "results/validation/ort90/yolo_demo/fp32/validation.json")["host"]

@@ -123,3 +123,28 @@ def test_unstable_latency_is_flagged_in_every_format(config_dict, tmp_path):
     md = (out / "s.md").read_text()
     assert f"| yolo_demo | cpu | fp16 | passed | {flag} |" in md
     assert "6 of 7 rows passed.\n1 of them with unstable latency (flags)." in md
+
+
+def test_not_measurable_rows_and_the_weakest_parity_part(config_dict, tmp_path):
+    """A random-weight reference's row is neither passed nor failed; every row names its weakest part."""
+    from kiln.report.page import STATUS_NOTE
+
+    cfg = _cfg(config_dict, tmp_path)
+    why = ("reference mAP50-95 0.0012 is below validation.min_reference_map 0.05: with random weights nothing "
+           "can be compared")
+    for dev, model, prec in cfg.jobs():
+        if dev == "cpu":
+            v = _validation("not measurable", why) if model == "rtdetr_demo" else _validation("passed")
+            v["parity"]["weakest"] = {"part": "scores", "metric": "cosine", "value": 0.9699, "min": 0.98}
+            v["parity"]["detections"] = {"reference_detections": 40, "match_rate": 0.95, "mean_box_iou": 0.91}
+            write_json(paths.fmt(paths.VALIDATION, results=cfg.results, device=dev, model=model, precision=prec), v)
+    out = tmp_path / "results" / "report"
+    table = summary.write_summary(cfg, out / "s.json", out / "s.csv", out / "s.md",
+                                  cannot_build={"gpu": "no CUDA"}, cannot_run={"gpu": "no CUDA"})
+    by = {(r["device"], r["model"], r["precision"]): r for r in table}
+    r = by[("cpu", "rtdetr_demo", "int8")]
+    assert r["status"] == "not measurable" and r["reason"] == why
+    assert r["parity_weakest"] == "scores 0.9699" and r["detection_box_iou"] == 0.91
+    md = (out / "s.md").read_text()
+    assert "3 of 7 rows passed." in md and "3 rows are not measurable" in md and "| scores 0.9699 |" in md
+    assert "not measurable" in STATUS_NOTE

@@ -104,7 +104,8 @@ def test_gate_passes_and_fails_with_reasons():
     bad = {"parity": {"outputs": {"output0": {"cosine": 0.9}}}, "accuracy": {"map50_drop": 0.05, "map_drop": 0.0}}
     reasons = gate("yolo", THRESH, bad)
     assert len(reasons) == 2 and "cosine 0.90000 < 0.99" in reasons[0] and "map50 drop 0.0500 > 0.01" in reasons[1]
-    det = {"parity": {"outputs": {}, "detections": {"match_rate": 0.5}}, "accuracy": {"map50_drop": 0, "map_drop": 0}}
+    det = {"parity": {"outputs": {}, "detections": {"reference_detections": 4, "match_rate": 0.5}},
+           "accuracy": {"map50_drop": 0, "map_drop": 0}}
     assert gate("rtdetr", THRESH, det) == ["detection match rate 0.500 < 0.9"]
 
 

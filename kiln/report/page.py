@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln import paths
-from kiln.findings import MISSING, STALE, latency_notes
+from kiln.findings import MISSING, NOT_MEASURABLE, STALE, latency_notes
 from kiln.report import plots
 from kiln.report.data import Engine, Model, Run, load
 from kiln.specs import PRECISIONS
@@ -46,8 +46,10 @@ COLUMNS: list[tuple[str, str, Callable]] = [
     ("precision", "precision", str),
     ("status", "status", str),
     ("engine_bytes", "engine size", _size),
+    ("parity_weakest", "weakest parity part", str),
     ("parity_min_cosine", "min cosine", _num(6)),
     ("detection_match_rate", "detection match", _num(3)),
+    ("detection_box_iou", "matched box IoU", _num(3)),
     ("map50_95", "mAP50-95", _num(4)),
     ("map_drop", "mAP50-95 drop vs fp32", _signed),
     ("map50", "mAP50", _num(4)),
@@ -66,7 +68,9 @@ COLUMNS: list[tuple[str, str, Callable]] = [
 ALWAYS = {"device", "precision", "status"}
 STATUS_NOTE = {"passed": "validated, within every threshold", "failed": "a threshold or the build failed",
                "built": "built here, not validated on this host", "not run": "not built on this host",
-               STALE: "a file changed after validation: not validated as it is now", MISSING: "not validated yet"}
+               STALE: "a file changed after validation: not validated as it is now", MISSING: "not validated yet",
+               NOT_MEASURABLE: "validated, but the reference shows nothing to compare with (no detections, or an "
+                               "mAP below validation.min_reference_map)"}
 
 
 def columns(run: Run, model: Model) -> list[tuple[str, str, Callable]]:
@@ -242,7 +246,7 @@ th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } td.reason { min-width: 22em; }
 .st-passed { background: #dcf5e1; } .st-failed { background: #fbd9d9; }
 .st-built { background: #fff1c7; } .st-not-run { background: #ececec; color: #555; }
-.st-stale, .st-missing { background: #f3dcf5; }
+.st-stale, .st-missing { background: #f3dcf5; } .st-not-measurable { background: #dde8f7; }
 .matrix td { min-width: 10em; } .matrix .metric { font-size: 0.85em; color: #333; }
 .matrix td.absent { background: #fff; color: #aaa; }
 .legend span { display: inline-block; padding: 0.15em 0.6em; margin-right: 0.4em; border: 1px solid #ccc; }

@@ -197,7 +197,12 @@ def check_checkpoint(path: str | Path, model_name: str, trust: bool) -> None:
         return
     is_zip = _check_file(path, model_name, at_load=True)
     if not (trust or (not is_zip and path.stat().st_size > CHECK_LOAD_MAX_BYTES)):
-        _weights_only(path, model_name, True, is_zip, trust=False, mmap=is_zip)
+        loaded = _weights_only(path, model_name, True, is_zip, trust=False, mmap=is_zip)
+        if key is not None:  # what checkpoint_classes would load the file again for
+            try:
+                _HEADS[json.dumps(key)] = head_classes(state_dict_of(loaded, path))
+            except KilnError:
+                _HEADS[json.dumps(key)] = None
     if key is not None and _check_key(path, trust) == key:  # not a verdict on a file that changed meanwhile
         _remember(key)
 
@@ -396,3 +401,98 @@ def model_params(m) -> dict:
     if m.source != "torch" or m.trust_checkpoint:
         out.update(trust_checkpoint=m.trust_checkpoint, max_det=m.decode["max_det"])
     return out
+
+
+# --------------------------------------------------------------------------- class counts
+
+# The final classification layers of the detection heads Kiln knows, by state_dict key: the demo YOLO's
+# head.cls.<level>.2, Ultralytics Detect's cv3.<level>.2, and RT-DETR's (official, Ultralytics', the demo's)
+# enc_score_head / dec_score_head.<layer>. Their weight's first dimension is the class count.
+_HEAD_KEYS = re.compile(r"(?:^|\.)(?:cls\.\d+\.\d+|cv3\.\d+\.2|enc_score_head|dec_score_head\.\d+)\.weight$")
+
+
+# Class counts check_checkpoint found while it loaded a file anyway, by _check_key: no second load.
+_HEADS: dict[str, tuple[int, str] | None] = {}
+
+
+def head_classes(state: dict) -> tuple[int, str] | None:
+    """(class count, the key it was read from) of a state_dict's detection head; None if none is known or they differ."""
+    found = {k: int(v.shape[0]) for k, v in state.items() if _HEAD_KEYS.search(k) and len(getattr(v, "shape", ())) >= 2}
+    counts = set(found.values())
+    if len(counts) != 1:
+        return None
+    return counts.pop(), sorted(found)[-1]
+
+
+def _pickled_nc(path: Path) -> int | None:
+    """The ``nc`` a pickled Ultralytics checkpoint's model YAML (and its head) records, read by pickletools:
+    nothing is unpickled. None where no single value is found."""
+    import pickletools
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+        values, last = set(), None
+        for op, arg, _ in pickletools.genops(data):
+            if last == "nc" and op.name in ("BININT1", "BININT2", "BININT", "INT", "LONG1"):
+                values.add(int(arg))
+            last = arg if "UNICODE" in op.name else (last if op.name in ("BINPUT", "LONG_BINPUT", "MEMOIZE") else None)
+    except Exception:  # not a zip pickle: unknown
+        return None
+    return values.pop() if len(values) == 1 else None
+
+
+def checkpoint_classes(path: str | Path, model_name: str, trust: bool) -> tuple[int, str] | None:
+    """(class count, what of the file it was read from) of a checkpoint's detection head, without unpickling
+    code; cached.
+
+    A weights-only checkpoint: the head's final layer shape in its state_dict (memory-mapped: no tensor
+    data is read). A trusted full pickle (Ultralytics): the ``nc`` its pickle records, read by pickletools.
+    Cached like :func:`check_checkpoint`'s pass, so an unchanged file is read once.
+    """
+    path = Path(path)
+    key = _check_key(path, trust)
+    where = _classes_file(key) if key is not None else None
+    try:
+        cached = json.loads(where.read_text()) if where is not None else None
+        if cached and cached.get("key") == key:
+            return tuple(cached["found"]) if cached["found"] else None
+    except (OSError, ValueError):
+        pass
+    if key is not None and json.dumps(key) in _HEADS:  # read by check_checkpoint in this process
+        found = _HEADS[json.dumps(key)]
+    elif trust:
+        nc = _pickled_nc(path)
+        found = (nc, "model yaml nc") if nc is not None else None
+    else:
+        is_zip = _check_file(path, model_name, at_load=True)
+        if not is_zip and path.stat().st_size > CHECK_LOAD_MAX_BYTES:
+            return None
+        try:
+            state = state_dict_of(_weights_only(path, model_name, True, is_zip, trust=False, mmap=is_zip), path)
+        except KilnError:
+            return None  # the export says what is wrong with it
+        head = head_classes(state)
+        found = head
+    if where is not None and _check_key(path, trust) == key:
+        write_atomic(where, json.dumps({"key": key, "found": list(found) if found else None}))
+    return found
+
+
+def _classes_file(key: dict) -> Path | None:
+    name = hashlib.sha256(json.dumps([key["format"], key["path"], key["trust"]]).encode()).hexdigest()[:32]
+    try:
+        return cache_dir() / "class-counts" / f"{name}.json"
+    except RuntimeError:
+        return None
+
+
+def num_classes(spec, base: str | Path = ".") -> tuple[int, str] | None:
+    """(class count, where it was read) of a model before any job, from its source adapter; None if unknown."""
+    return adapter(spec.source).num_classes(spec, Path(base))
+
+
+def checkpoint_head(spec, base: Path) -> tuple[int, str] | None:
+    """:func:`checkpoint_classes` of a model's checkpoint, saying where as the config names the file."""
+    found = checkpoint_classes(Path(base) / spec.checkpoint, spec.name, spec.trust_checkpoint)
+    return (found[0], f"checkpoint '{spec.checkpoint}' {found[1]}") if found else None

@@ -109,3 +109,11 @@ def build_module(spec):
         model, post = cfg.model, cfg.postprocessor
         load_strict(model, state, spec, f"the model of '{spec.rtdetr_config}'")
         return deploy_model(model, post)
+
+
+def num_classes(spec, base) -> tuple[int, str] | None:
+    """The class count of the checkpoint's score heads (enc_score_head, dec_score_head)."""
+
+    from kiln.sources import checkpoint_head
+
+    return checkpoint_head(spec, Path(base))

@@ -51,3 +51,18 @@ def params(spec) -> dict:
 
     found = factories.locate(spec.factory, spec.trusted_packages, spec.trusted_folders) if spec.factory else None
     return {"factory_code": file_fingerprint(found.file) if found else None}
+
+
+def num_classes(spec, base) -> tuple[int, str] | None:
+    """The head's class count in the checkpoint's state_dict, else factory_args num_classes / nc; None if unknown."""
+    from pathlib import Path
+
+    from kiln.sources import checkpoint_head
+
+    found = checkpoint_head(spec, Path(base))
+    if found:
+        return found
+    for key in ("num_classes", "nc"):
+        if isinstance(spec.factory_args.get(key), int):
+            return spec.factory_args[key], f"'models.{spec.name}.factory_args.{key}'"
+    return None

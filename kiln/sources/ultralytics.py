@@ -157,3 +157,18 @@ def build_module(spec):
     wrapped.kiln_metadata = {"stride": int(max(model.stride)), "task": getattr(model, "task", "detect"),
                              "names": {int(k): str(v) for k, v in dict(model.names).items()}}
     return wrapped
+
+
+def num_classes(spec, base) -> tuple[int, str] | None:
+    """``nc`` of the model YAML (factory_args ``nc`` overriding it), or the one a checkpoint's pickle records."""
+    import yaml
+
+    from kiln.sources import checkpoint_head
+
+    if spec.ultralytics_yaml:
+        if isinstance(spec.factory_args.get("nc"), int):
+            return spec.factory_args["nc"], f"'models.{spec.name}.factory_args.nc'"
+        cfg = yaml.safe_load((Path(base) / spec.ultralytics_yaml).read_text())
+        nc = cfg.get("nc") if isinstance(cfg, dict) else None
+        return (nc, f"'{spec.ultralytics_yaml}' nc") if isinstance(nc, int) else None
+    return checkpoint_head(spec, Path(base))

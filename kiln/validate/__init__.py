@@ -22,6 +22,7 @@ import numpy as np
 from kiln import accuracy, backends, integrity, latency, parity, paths
 from kiln.batches import load as load_inputs
 from kiln.batches import run_batches
+from kiln.findings import NOT_MEASURABLE
 from kiln.parity import gate
 from kiln.specs import KilnConfig, base_precision
 from kiln.util import read_json, write_json
@@ -43,11 +44,33 @@ def params(cfg: KilnConfig, device: str, model: str, precision: str) -> dict:
         "batch_sizes": list(d.batch_sizes),
         "batch_size": v["batch_size"],
         "match_score": v["match_score"],
+        "min_reference_map": v["min_reference_map"],
         "threads": d.threads,
         "decode": cfg.models[model].decode,
         "gpu_timing": GPU_TIMING,
         "pictures": PICTURES,
     }
+
+
+def compare(spec, ref: dict, outputs: dict, inputs, match_score: float) -> tuple[dict, list[dict]]:
+    """The engine's outputs against the reference's: whole outputs, their semantic parts, and detections
+    (both decoded and NMSed with the same code, kiln.accuracy, for every layout); and the engine's detections."""
+    par = {"outputs": {name: parity.dense(ref[name], outputs[name]) for name in ref},
+           "parts": parity.parts(spec.layout, spec.nms, ref, outputs, match_score)}
+    dets = accuracy.detections(spec, outputs, inputs)
+    par["detections"] = parity.detections(accuracy.detections(spec, ref, inputs), dets, match_score)
+    return par, dets
+
+
+def measurable(reference_detections: int, images: int, conf: float, reference_map: float, floor: float) -> str | None:
+    """Why a validation can measure nothing (None when it can): no reference detections, or a reference mAP
+    below `validation.min_reference_map`. Parity and mAP drops against such a reference prove nothing."""
+    if reference_detections == 0:
+        return f"the reference makes no detections above conf {conf} on {images} images"
+    if reference_map < floor:
+        return (f"reference mAP50-95 {reference_map:.4f} is below validation.min_reference_map {floor}: "
+                f"with random weights nothing can be compared")
+    return None
 
 
 def validate(
@@ -99,11 +122,7 @@ def validate(
 
     with np.load(reference_npz) as z:
         ref = {k: z[k] for k in z.files}
-    par = {"outputs": {name: parity.dense(ref[name], outputs[name]) for name in ref}}
-    dets = accuracy.detections(spec, outputs, inputs)
-    if spec.detection_outputs:
-        ref_dets = accuracy.detections(spec, ref, inputs)
-        par["detections"] = parity.detections(ref_dets, dets, v["match_score"])
+    par, dets = compare(spec, ref, outputs, inputs, v["match_score"])
     acc = accuracy.score(dets, inputs, annotations)
     ref_acc = ref_info["accuracy"]
     acc.update(
@@ -129,12 +148,21 @@ def validate(
     runner.close()
     result.update(_speedup(baseline, lat))
 
-    failures = gate(spec.layout, v["thresholds"][base_precision(precision)], result)
-    result.update(status="passed" if not failures else "failed", reason="; ".join(failures) or None)
+    thresholds = v["thresholds"][base_precision(precision)]
+    par["weakest"] = parity.weakest(parity.checks(par, thresholds))
+    failures = gate(spec.layout, thresholds, result)
+    # Counted at the score the matching requires (validation.match_score): below it nothing is matched.
+    unmeasurable = measurable(par["detections"]["reference_detections"], len(inputs), v["match_score"],
+                              ref_acc["map50_95"], v["min_reference_map"])
+    if unmeasurable:  # neither passed nor failed: the gates compare against a reference that shows nothing
+        reason = unmeasurable + (f" (gates: {'; '.join(failures)})" if failures else "")
+        result.update(status=NOT_MEASURABLE, reason=reason)
+    else:
+        result.update(status="passed" if not failures else "failed", reason="; ".join(failures) or None)
     write_json(out, result)
     log.info("validate %s/%s/%s: %s mAP50 %.4f (drop %.4f) p50 %.2f ms%s", device, model, precision,
              result["status"], acc["map50"], acc["map50_drop"], lat[0]["median_ms"],
-             f" ({result['reason']})" if failures else "")
+             f" ({result['reason']})" if result["reason"] else "")
     return result
 
 
