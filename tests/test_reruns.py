@@ -97,7 +97,7 @@ EXPECTED = {
     'kiln/coco.py': {'build': 12, 'dataset': 2, 'inputs': 4, 'validate': 6},
     'kiln/draw.py': {'validate': 6},
     'kiln/errors.py': {'baseline': 2, 'build': 12, 'dataset': 2, 'diagnose': 6, 'export': 2, 'inputs': 4, 'page': 1, 'precision': 4, 'quantize': 2, 'reference': 2, 'serve': 2, 'summary': 1, 'surgery': 2, 'validate': 6},
-    'kiln/findings.py': {'page': 1, 'summary': 1},
+    'kiln/findings.py': {'page': 1, 'summary': 1, 'validate': 6},
     'kiln/fingerprint.py': {'baseline': 2, 'export': 2},
     'kiln/integrity.py': {'build': 12, 'diagnose': 6, 'reference': 2, 'serve': 2, 'summary': 1, 'validate': 6},
     'kiln/latency.py': {'baseline': 2, 'validate': 6},
