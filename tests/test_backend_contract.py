@@ -197,3 +197,16 @@ def test_the_name_check_finds_what_it_looks_for(tmp_path):
             return d.backend in ("onnxruntime", "x"), {"tensorrt": 1}
     '''))
     assert len(_backend_name_comparisons(src, set(backends.BACKENDS))) == 3
+
+
+def test_no_stage_imports_another_stage():
+    """The floors: a stage's code (its static import closure) holds no other stage's module, so an edit to
+    one stage reruns only its own jobs and what consumes their outputs (tests/test_reruns.py)."""
+    from kiln import fingerprint
+    from kiln.workflow import STAGES
+
+    stages = set(STAGES.values())
+    crossing = {stage: sorted(m for m in fingerprint.closure(stage) if m in stages and m != stage
+                              and not stage.startswith(m + ".") and not m.startswith(stage + "."))
+                for stage in stages}
+    assert {s: c for s, c in crossing.items() if c} == {}

@@ -12,15 +12,14 @@ that module imports this one; this one imports nothing of quantization.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
+from kiln.precision.autocast import autocast
 from kiln.precision.graph import anchor, first_samples
-from kiln.precision.modelopt_log import Capture
 from kiln.precision.options import AUTOCAST_REFERENCE_SAMPLES, LOW_PRECISIONS, PrecisionOptions, options_from_config
 from kiln.precision.variant import Conversion, make
 from kiln.util import write_json
@@ -84,53 +83,6 @@ def _convert(c: Conversion) -> Path:
         capture=c.capture,
         what=str(c.src),
     )
-
-
-def autocast(
-    src: Path,
-    dst: Path,
-    low: str,
-    *,
-    keep_io_types: bool,
-    nodes_to_exclude: list[str],
-    op_types_to_exclude: list[str],
-    calib: Mapping[str, np.ndarray] | None,
-    work: Path,
-    capture: Capture,
-    what: str,
-    range_check: bool = True,
-) -> Path:
-    """ModelOpt AutoCast ``src`` to fp16/bf16 at ``dst``.
-
-    With ``range_check`` AutoCast runs ``src`` once in ORT CPU (on ``calib`` or random data) and
-    keeps nodes whose activations exceed +-512 (where fp16's step is 0.5) in fp32; without it every
-    node not excluded goes to ``low``.
-    """
-    from modelopt.onnx.autocast import convert_to_mixed_precision
-
-    ref = None
-    if calib is not None and range_check:
-        # AutoCast's reference run takes an .npz path (samples stacked on axis 0, like quantize()).
-        ref = str(work / "autocast_reference.npz")
-        np.savez(ref, **calib)
-    with capture.active():
-        try:
-            model = convert_to_mixed_precision(
-                onnx_path=str(src),
-                low_precision_type=low,
-                nodes_to_exclude=nodes_to_exclude or None,
-                op_types_to_exclude=op_types_to_exclude or None,
-                keep_io_types=keep_io_types,
-                calibration_data=ref if range_check else None,
-                **({} if range_check else {"data_max": np.inf}),
-                providers=["cpu"],  # a fresh list: ModelOpt mutates its default
-            )
-            onnx.save(model, str(dst))
-        except Exception as e:
-            raise RuntimeError(
-                f"ModelOpt AutoCast ({low}) failed on {what}: {type(e).__name__}: {e}{capture.context()}"
-            ) from e
-    return dst
 
 
 def run_rule(cfg, job) -> None:

@@ -24,7 +24,7 @@ from kiln.batches import Inputs
 from kiln.batches import load as load_inputs
 from kiln.judge import Judge, brief
 from kiln.precision.options import options_from_config, params
-from kiln.precision.quantize import make_variant
+from kiln.precision.ptq import make_variant
 from kiln.precision.variant import atomic_copy
 from kiln.specs import base_precision
 from kiln.util import read_json, scratch_dir, write_json
