@@ -510,6 +510,11 @@ class Plan:
             return values[0]
         return lambda w: table[w.model]
 
+    def reference_inputs(self, device: str, model: str) -> dict[str, str]:
+        """The fp32 reference a device's validation compares with: at the device's opset."""
+        key = {"results": self.cfg.results, "model": model, "opset": self.cfg.devices[device].opset}
+        return {"reference": paths.fmt(paths.REFERENCE, **key), "reference_record": paths.fmt(paths.REFERENCE_RECORD, **key)}
+
     def calibration_inputs(self):
         """The build rule's calibration input: the model's calib split where the device's backend
         calibrates this precision (an INT8 calibrator); [] for every job where none does."""

@@ -5,7 +5,7 @@ rule reference:
     input:
         onnx=P(paths.SURGERY),
         inputs=P(paths.INPUTS, split="val"),
-        annotations=lambda w: dataset_of(w.model, "val"),
+        annotations=PLAN.per_model(lambda m: dataset_of(m, "val")),
     output:
         outputs=P(paths.REFERENCE),
         record=P(paths.REFERENCE_RECORD),
@@ -27,7 +27,7 @@ rule build:
     input:
         onnx=engine_source,
         calib=PLAN.calibration_inputs(),
-        annotations=lambda w: dataset_of(w.model, "val"),  # class names for engine.json's runtime
+        annotations=PLAN.per_model(lambda m: dataset_of(m, "val")),  # class names for engine.json's runtime
     output:
         P(paths.ENGINE_RECORD),
         # Declared, so it goes to storage with its record (README: Building on devices).
@@ -53,13 +53,13 @@ rule build:
 
 rule validate:
     input:
+        # The device's opset's fp32 reference: outputs and record (one function for both).
+        unpack(lambda w: PLAN.reference_inputs(w.device, w.model)),
         engine=P(paths.ENGINE_RECORD),
         engine_file=P(paths.ENGINE_FILE),
-        reference=lambda w: P(paths.REFERENCE, model=w.model, opset=KILN.devices[w.device].opset),
-        reference_record=lambda w: P(paths.REFERENCE_RECORD, model=w.model, opset=KILN.devices[w.device].opset),
         inputs=P(paths.INPUTS, split="val"),
-        annotations=lambda w: dataset_of(w.model, "val"),
-        images=lambda w: dataset_of(w.model, "val", paths.DATASET_IMAGES),  # pictures, pipeline latency
+        annotations=PLAN.per_model(lambda m: dataset_of(m, "val")),
+        images=PLAN.per_model(lambda m: dataset_of(m, "val", paths.DATASET_IMAGES)),  # pictures, pipeline latency
         baseline=P(paths.BASELINE),
     output:
         P(paths.VALIDATION),

@@ -27,7 +27,7 @@ rule quantize:
     input:
         onnx=P(paths.SURGERY),
         calib=lambda w: P(paths.INPUTS, model=w.model, split="calib"),
-        annotations=lambda w: dataset_of(w.model, "calib"),  # calib image names for the calib list
+        annotations=PLAN.per_model(lambda m: dataset_of(m, "calib")),  # calib image names for the calib list
     output:
         onnx=P(paths.VARIANT),
         record=P(paths.VARIANT_RECORD),

@@ -7,7 +7,7 @@ rule sensitivity:
         fp32=P(paths.SURGERY),
         variant=P(paths.VARIANT),
         calib=lambda w: P(paths.INPUTS, model=w.model, split="calib"),
-        annotations=lambda w: dataset_of(w.model, "calib"),
+        annotations=PLAN.per_model(lambda m: dataset_of(m, "calib")),
     output:
         json=P(paths.SENSITIVITY),
         md=P(paths.SENSITIVITY_MD),
@@ -31,7 +31,7 @@ rule fallback:
     input:
         onnx=P(paths.SURGERY),
         calib=lambda w: P(paths.INPUTS, model=w.model, split="calib"),
-        annotations=lambda w: dataset_of(w.model, "calib"),
+        annotations=PLAN.per_model(lambda m: dataset_of(m, "calib")),
         sensitivity=lambda w: P(paths.SENSITIVITY, model=w.model, precision=w.precision.removesuffix("-mixed")),
     output:
         onnx=P(paths.VARIANT),
