@@ -34,7 +34,7 @@ from kiln import coco
 from kiln.draw import draw
 from kiln.errors import KilnError
 from kiln.metrics import detections_to_coco
-from kiln.runtime import Detector
+from kiln.runtime import Detector, read_rgb
 from kiln.util import atomic_path, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -212,7 +212,6 @@ def run(engine_dir: str | Path, inputs: list[str | Path], out: str | Path, batch
             _save_picture(picture, out / item.out)
         batch.clear()
 
-    from PIL import Image
 
     for item in items:
         if item.video:
@@ -220,11 +219,9 @@ def run(engine_dir: str | Path, inputs: list[str | Path], out: str | Path, batch
             _video(item, out / item.out, detector, emit, report)
             continue
         try:
-            with Image.open(item.path) as raw:
-                img = raw.convert("RGB")
-                img.load()
-        except (OSError, ValueError) as err:
-            report(f"image '{item.path}' cannot be read ({err})")
+            img = read_rgb(item.path)
+        except KilnError as err:
+            report(str(err).removesuffix(": replace or remove it"))
             bar.update(1)
             continue
         batch.append((item, img, None))

@@ -116,18 +116,28 @@ def device_profile(record: dict) -> DeviceProfile:
                          models=(record["model"],))
 
 
+def read_rgb(path: str | Path) -> Any:
+    """The image file at `path` as a PIL RGB image; one KilnError line when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as raw:
+            rgb = raw.convert("RGB")
+            rgb.load()
+    except (OSError, ValueError) as err:
+        raise KilnError(f"image '{path}' cannot be read ({err}): replace or remove it") from None
+    except ImportError:  # Ultralytics, once imported, patches PIL's open to try a HEIF plugin on unknown files
+        raise KilnError(f"image '{path}' cannot be read (cannot identify image file {str(path)!r}): replace or "
+                        f"remove it") from None
+    return rgb
+
+
 def _image(item) -> Any:
     """A PIL RGB image from a path, an HxWx3 uint8 RGB array or a PIL image; one line when it is none."""
     from PIL import Image
 
     if isinstance(item, (str, Path)):
-        try:
-            with Image.open(item) as raw:
-                rgb = raw.convert("RGB")
-                rgb.load()
-        except (OSError, ValueError) as err:
-            raise KilnError(f"image '{item}' cannot be read ({err}): replace or remove it") from None
-        return rgb
+        return read_rgb(item)
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise KilnError(f"an image array must be HxWx3 uint8 RGB, not {item.dtype} {item.shape}: convert it "

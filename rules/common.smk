@@ -49,8 +49,9 @@ def diagnosis_targets():
 
 
 def serve_targets():
-    """Triton repository and DeepStream configs of every device whose engines this run builds (rules/serve.smk)."""
-    return kiln_serve.targets(KILN, PLAN.can_build)
+    """Triton repository and DeepStream configs of every device whose engines this run builds (rules/serve.smk);
+    with gather=true only this host's devices, like every other per-device output made here."""
+    return kiln_serve.targets(KILN, PLAN.host_can_build if PLAN.run["gather"] else PLAN.can_build)
 
 
 def made_here_targets():

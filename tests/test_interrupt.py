@@ -215,7 +215,9 @@ def test_every_artifact_is_complete(story):
     assert {(r["model"], r["device"], r["precision"]) for r in rows} == ROWS
     assert len(rows) == len(ROWS)
     for r in rows:
-        assert r["status"] == ("built" if r["device"] == "rtx" else "passed"), r
+        # Random weights: the cpu rows are validated, and honestly "not measurable" (nothing to compare).
+        assert r["status"] == ("built" if r["device"] == "rtx" else "not measurable"), r
+        assert r["device"] == "rtx" or "validation.min_reference_map" in r["reason"] or "no detections" in r["reason"]
     assert (results / "report/summary.csv").read_text().count("\n") == 1 + len(ROWS)
 
 

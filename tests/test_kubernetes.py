@@ -74,8 +74,8 @@ def test_jobs_ask_for_the_device_nodes_and_gpus_they_need(jobs):
     seen = set()
     for rule, w, res in jobs:
         dev = w.get("device")
-        if rule in CPU_STAGES or dev is None:
-            want = none  # CPU stages, summary, page: any node, no GPU
+        if rule in CPU_STAGES or rule == "serve" or dev is None:
+            want = none  # CPU stages, serving configs, summary, page: any node, no GPU
         elif dev == "cpu":
             want = none | {"machine_type": MACHINES["cpu"]}  # its latency is that CPU's: on its nodes, no GPU
         elif dev == "rtx" and rule in ("build", "diagnose"):

@@ -134,8 +134,8 @@ def test_device_host_builds_and_validates_only_its_devices(flow, hosts):
         engine = store / f"results/engines/edge/yolo_demo/{p}/model.engine"
         assert record["status"] == "built" and engine.stat().st_size == record["engine_bytes"]
         assert record["engine"] == f"results/engines/edge/yolo_demo/{p}/model.engine"  # the artifact path
-        assert read_json(store / f"results/validation/edge/yolo_demo/{p}/validation.json")["status"] in ("passed",
-                                                                                                        "failed")
+        # Validated on its host; random weights, so honestly "not measurable".
+        assert read_json(store / f"results/validation/edge/yolo_demo/{p}/validation.json")["status"] == "not measurable"
     rtx = read_json(store / "results/engines/rtx/yolo_demo/fp32/engine.json")
     assert (store / "results/engines/rtx/yolo_demo/fp32/model.engine").stat().st_size == rtx["engine_bytes"] > 100_000
 
@@ -156,7 +156,8 @@ def test_gathering_host_summary_has_every_row(flow, hosts):
     ran = jobs_run(flow["gather"])
     # A validates its own cpu device; edge's rows come from storage (no edge job, no CPU stage rerun).
     assert {(r, w.get("device")) for r, w in ran} >= {("validate", "cpu"), ("summary", None), ("page", None)}, ran
-    assert not [(r, w) for r, w in ran if w.get("device") not in (None, "cpu")], ran
+    # (A can make edge's serving configs from the engines in storage, as any host with its backend can.)
+    assert not [(r, w) for r, w in ran if w.get("device") not in (None, "cpu") and r != "serve"], ran
     assert not [r for r, _ in ran if r in ("dataset", "inputs", "export", "simplify", "surgery", "precision",
                                            "quantize", "reference")], ran
     rows = {(r["device"], r["precision"]): r for r in read_json(store / SUMMARY[0])["rows"]}

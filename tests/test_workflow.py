@@ -170,10 +170,12 @@ def test_editing_one_device_reruns_only_its_jobs(run):
     cfg = tiny_config()
     cfg["devices"]["cpu"]["batch_sizes"] = [1, 2]  # latency sweep: validation and the PyTorch baseline only
     expected = {("validate", "cpu", m, p) for m in MODELS for p in PRECISIONS} | {("baseline", "cpu", m) for m in MODELS}
-    assert planned_jobs(work, cfg) == expected | {("summary",)}
+    # The device's serving configs follow its engines and validations (rules/serve.smk).
+    assert planned_jobs(work, cfg) == expected | {("serve", "cpu"), ("summary",)}
     cfg = tiny_config()
     cfg["devices"]["rtx"]["builder_optimization_level"] = 2  # builder option: that device's builds
-    assert planned_jobs(work, cfg) == {j for m in MODELS for j in engines("rtx", m, validate=False)} | {("summary",)}
+    assert planned_jobs(work, cfg) == {j for m in MODELS for j in engines("rtx", m, validate=False)} | {
+        ("serve", "rtx"), ("summary",)}
 
 
 def test_editing_one_model_reruns_only_its_chain(run):
@@ -182,7 +184,7 @@ def test_editing_one_model_reruns_only_its_chain(run):
     cfg["models"]["yolo_demo"]["dynamic_hw"] = True
     expected = onnx_chain("yolo_demo") | engines("cpu", "yolo_demo") | engines("rtx", "yolo_demo", validate=False)
     expected.add(("baseline", "cpu", "yolo_demo"))
-    assert planned_jobs(work, cfg) == expected | {("summary",)}
+    assert planned_jobs(work, cfg) == expected | {("serve", "cpu"), ("serve", "rtx"), ("summary",)}
 
 
 def test_adding_a_precision_adds_only_its_jobs(run):
@@ -190,7 +192,7 @@ def test_adding_a_precision_adds_only_its_jobs(run):
     cfg = tiny_config()
     cfg["devices"]["rtx"]["precisions"].append("bf16")
     expected = {("precision", m, "17", "bf16") for m in MODELS} | {j for m in MODELS for j in engines("rtx", m, ["bf16"], False)}
-    assert planned_jobs(work, cfg) == expected | {("summary",)}
+    assert planned_jobs(work, cfg) == expected | {("serve", "rtx"), ("summary",)}
 
 
 def test_adding_a_device_adds_only_its_jobs(run):
@@ -199,7 +201,7 @@ def test_adding_a_device_adds_only_its_jobs(run):
     cfg["devices"]["cpu2"] = dict(cfg["devices"]["cpu"], precisions=["fp32"], threads=1)
     expected = {("build", "cpu2", m, "fp32") for m in MODELS} | {("validate", "cpu2", m, "fp32") for m in MODELS}
     expected |= {("baseline", "cpu2", m) for m in MODELS}
-    assert planned_jobs(work, cfg) == expected | {("summary",)}
+    assert planned_jobs(work, cfg) == expected | {("serve", "cpu2"), ("summary",)}
 
 
 def test_unchanged_config_plans_nothing(run):

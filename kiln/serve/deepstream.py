@@ -9,6 +9,8 @@ DeepStream run on a device can confirm.
 
 from __future__ import annotations
 
+from kiln.specs import base_precision
+
 # nvinfer's network-mode: 0 FP32, 1 INT8, 2 FP16. It has no BF16 or FP8 mode: those engines are strongly
 # typed (their types come from the ONNX), so with model-engine-file nvinfer takes them as built; the
 # mode only matters where nvinfer builds an engine itself from onnx-file. "best" (all builder precisions)
@@ -77,7 +79,7 @@ def config_text(*, spec, precision: str, batch_size: int, num_classes: int, engi
         f"labelfile-path={labels}",
         f"infer-dims=3;{h};{w}",
         f"batch-size={batch_size}",
-        f"network-mode={NETWORK_MODES[precision]}",
+        f"network-mode={NETWORK_MODES[base_precision(precision)]}",  # int8-mixed is an int8 engine
         f"num-detected-classes={num_classes}",
         "network-type=0",
         "process-mode=1",
