@@ -496,19 +496,11 @@ class Plan:
 
     def per_device(self, fn):
         """`fn(device)` as a param or input: a constant where every device gives the same, else per job."""
-        table = {d: fn(d) for d in self.cfg.devices}
-        values = list(table.values())
-        if values and all(v == values[0] for v in values):
-            return values[0]
-        return lambda w: table[w.device]
+        return _constant_or_lookup({d: fn(d) for d in self.cfg.devices}, "device")
 
     def per_model(self, fn):
         """`fn(model)` as a param: a constant where every model gives the same, else per job."""
-        table = {m: fn(m) for m in self.cfg.models}
-        values = list(table.values())
-        if values and all(v == values[0] for v in values):
-            return values[0]
-        return lambda w: table[w.model]
+        return _constant_or_lookup({m: fn(m) for m in self.cfg.models}, "model")
 
     def reference_inputs(self, device: str, model: str) -> dict[str, str]:
         """The fp32 reference a device's validation compares with: at the device's opset."""
@@ -547,3 +539,12 @@ class Plan:
     def threads(self, rule: str):
         """Threads of a device's timed jobs (validate, baseline): its own setting, else every core Snakemake has."""
         return self.per_device(lambda d: self.cfg.devices[d].threads or 1024)
+
+
+def _constant_or_lookup(table: dict, wildcard: str):
+    """The one value where every key of `table` gives the same (Snakemake then calls nothing per job),
+    else a function of the job's `wildcard` looking it up."""
+    values = list(table.values())
+    if values and all(v == values[0] for v in values):
+        return values[0]
+    return lambda w: table[getattr(w, wildcard)]

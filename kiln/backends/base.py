@@ -183,3 +183,36 @@ class Backend(ABC):
     def serve_format(self, device) -> ServeFormat:
         """How Triton and DeepStream take this backend's engines (default: neither loads the file itself)."""
         return ServeFormat()
+
+
+class ModuleBackend(Backend):
+    """A backend whose availability, checks, build and runner are the functions of the same names in the
+    module that defines it (kiln/backends/onnxruntime.py, tensorrt.py, tensorrt_rtx.py), looked up at
+    each call: the module stays the implementation (and what tests patch), the class is the contract."""
+
+    def _fn(self, name: str):
+        import sys
+
+        return getattr(sys.modules[type(self).__module__], name)
+
+    def is_available(self) -> bool:
+        return self._fn("is_available")()
+
+    def version(self) -> str | None:
+        return self._fn("version")()
+
+    def check_device(self, device) -> list[str]:
+        return self._fn("check_device")(device)
+
+    def check_host(self, device) -> str | None:
+        return self._fn("check_host")(device)
+
+    def check_build_host(self, device) -> str | None:
+        return self._fn("check_build_host")(device)
+
+    def build(self, onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0,
+              **extra: Any) -> dict[str, Any]:
+        return self._fn("build")(onnx_path, engine_path, device, precision, threads, **extra)
+
+    def load_runner(self, engine_path: Path, device, threads: int = 0) -> Runner:
+        return self._fn("load_runner")(engine_path, device, threads)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.backends.base import Backend, Runner, ServeFormat
+from kiln.backends.base import ModuleBackend, Runner, ServeFormat
 from kiln.errors import KilnError
 
 NAME = "onnxruntime"
@@ -219,26 +219,16 @@ def load_runner(engine_path: Path, device, threads: int = 0) -> Runner:
     return OrtCudaRunner(engine_path, device, threads)
 
 
-class OnnxRuntime(Backend):
+class OnnxRuntime(ModuleBackend):
     """ONNX Runtime: the "engine" is the session-optimized model; CPU provider, or CUDA with onnxruntime-gpu."""
 
     name = NAME
     label = "ONNX Runtime"
 
-    def is_available(self) -> bool:
-        return is_available()
 
-    def version(self) -> str | None:
-        return version()
 
-    def check_device(self, device) -> list[str]:
-        return check_device(device)
 
-    def check_host(self, device) -> str | None:
-        return check_host(device)
 
-    def check_build_host(self, device) -> str | None:
-        return check_build_host(device)
 
     def needs_gpu(self, device, rule: str) -> bool:
         """A GPU provider's jobs need its GPU (the optimized model is provider-specific); the CPU's none."""
@@ -247,11 +237,7 @@ class OnnxRuntime(Backend):
     def build_params(self, device, validation_batch_size: int) -> dict:
         return build_params(device, validation_batch_size)
 
-    def build(self, onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0, **extra) -> dict:
-        return build(onnx_path, engine_path, device, precision, threads, **extra)
 
-    def load_runner(self, engine_path: Path, device, threads: int = 0) -> Runner:
-        return load_runner(engine_path, device, threads)
 
     def findings(self, device, build: dict) -> list[str]:
         """Nodes ONNX Runtime placed on the CPU in a GPU provider's optimized graph (its Memcpy nodes)."""

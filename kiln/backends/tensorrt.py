@@ -283,14 +283,8 @@ class TensorRT(TrtBackend):
     label = "TensorRT"
     parser_flavor = FLAVOR
 
-    def is_available(self) -> bool:
-        return is_available()
 
-    def version(self) -> str | None:
-        return version()
 
-    def check_device(self, device) -> list[str]:
-        return check_device(device)
 
     def source_precision(self, precision: str, device) -> str:
         return source_precision(precision, device)
@@ -302,14 +296,6 @@ class TensorRT(TrtBackend):
         v = _device_version(device)
         return v is None or v >= (11, 0)
 
-    def check_host(self, device) -> str | None:
-        return check_host(device)
 
-    def check_build_host(self, device) -> str | None:
-        return check_build_host(device)
 
-    def build(self, onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0, **extra) -> dict:
-        return build(onnx_path, engine_path, device, precision, threads, **extra)
 
-    def load_runner(self, engine_path: Path, device, threads: int = 0) -> TrtEngineRunner:
-        return load_runner(engine_path, device, threads)

@@ -190,20 +190,10 @@ class TensorRTRTX(TrtBackend):
     label = "TensorRT-RTX"
     parser_flavor = FLAVOR
 
-    def is_available(self) -> bool:
-        return is_available()
 
-    def version(self) -> str | None:
-        return version()
 
-    def check_device(self, device) -> list[str]:
-        return check_device(device)
 
-    def check_host(self, device) -> str | None:
-        return check_host(device)
 
-    def check_build_host(self, device) -> str | None:
-        return check_build_host(device)
 
     def builds_on_device(self, device) -> bool:
         return False  # ahead of time, on any host
@@ -211,8 +201,4 @@ class TensorRTRTX(TrtBackend):
     def needs_gpu(self, device, rule: str) -> bool:
         return rule != "build"  # the ahead-of-time build needs none; running the engines does
 
-    def build(self, onnx_path: Path, engine_path: Path, device, precision: str, threads: int = 0, **extra) -> dict:
-        return build(onnx_path, engine_path, device, precision, threads, **extra)
 
-    def load_runner(self, engine_path: Path, device, threads: int = 0) -> TrtEngineRunner:
-        return load_runner(engine_path, device, threads)

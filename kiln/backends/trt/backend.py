@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln.backends.base import Backend, ServeFormat
+from kiln.backends.base import ModuleBackend, ServeFormat
 from kiln.backends.trt import builder
 from kiln.backends.trt import ops as trt_ops
 
 
-class TrtBackend(Backend):
+class TrtBackend(ModuleBackend):
     """A TensorRT flavor (``parser_flavor``: a key of kiln.backends.trt.ops' table)."""
 
     parser_flavor: str
