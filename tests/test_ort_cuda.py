@@ -106,3 +106,29 @@ def test_cuda_runner_matches_the_cpu_session(tmp_path):
         assert marks == ["h2d", "compute", "d2h"]
     finally:
         runner.close()
+
+
+def test_a_gpu_build_that_falls_back_to_the_cpu_is_refused(tmp_path, monkeypatch):
+    """Without the CUDA libraries loaded, ONNX Runtime builds the session on the CPU provider without
+    an error: the build refuses it rather than saving a CPU-optimized model as the GPU engine."""
+    from kiln.backends import onnxruntime as kiln_ort
+    from kiln.backends import ort_cuda
+    from kiln.errors import KilnError
+
+    loaded = []
+    monkeypatch.setattr(ort_cuda, "load_cuda_libraries", lambda: loaded.append(True) or "test")
+
+    class FellBack:
+        def __init__(self, path, sess_options=None, providers=None):
+            self.asked = providers
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(ort, "InferenceSession", FellBack)
+    d = _cfg().devices["h200"]
+    engine = tmp_path / "model.engine"
+    with pytest.raises(KilnError, match=r"without CUDAExecutionProvider \(it fell back to CPUExecutionProvider\): "
+                                        r"its CUDA or cuDNN libraries did not load"):
+        kiln_ort.build(tmp_path / "m.onnx", engine, d, "fp32")
+    assert loaded == [True] and not engine.exists()

@@ -149,14 +149,24 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
 
     t0 = time.perf_counter()
     level = build_level(device, precision)
+    gpu = device.providers[0] != "CPUExecutionProvider"
+    if gpu:  # else ONNX Runtime would optimize for the CPU it falls back to, without a word
+        from kiln.backends.ort_cuda import load_cuda_libraries
+
+        load_cuda_libraries()
     try:
-        ort.InferenceSession(
+        session = ort.InferenceSession(
             str(onnx_path),
             sess_options=_session_options(threads, optimized_path=engine_path, level=level),
             providers=list(device.providers),
         )
     except Exception as err:  # ONNX Runtime raises its own Fail/InvalidGraph types
         raise KilnError(f"ONNX Runtime could not load '{onnx_path}': {err}".replace("\n", " ")) from None
+    if gpu and device.providers[0] not in session.get_providers():
+        Path(engine_path).unlink(missing_ok=True)
+        raise KilnError(f"ONNX Runtime loaded '{onnx_path}' without {device.providers[0]} (it fell back to "
+                        f"{', '.join(session.get_providers())}): its CUDA or cuDNN libraries did not load; install "
+                        f"onnxruntime-gpu's CUDA and cuDNN (or a CUDA build of torch) for this driver")
     before, after = _op_histogram(onnx_path), _op_histogram(engine_path)
     return {
         "builder": f"onnxruntime {ort.__version__}",

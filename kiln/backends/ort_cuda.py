@@ -29,6 +29,30 @@ from kiln.errors import KilnError
 MEMCPY_OPS = ("MemcpyToHost", "MemcpyFromHost")
 
 
+def load_cuda_libraries() -> str:
+    """Load the CUDA runtime, cuBLAS and cuDNN that onnxruntime-gpu links against, before its first session.
+
+    ONNX Runtime's documented ways ("Compatibility with PyTorch" on its CUDA provider page, and
+    ``onnxruntime.preload_dlls``): where a CUDA build of PyTorch is installed, ``import torch`` before the
+    session loads the same major CUDA and cuDNN; otherwise ``preload_dlls()`` loads them from the NVIDIA
+    pip packages beside onnxruntime. Without either the provider fails to load and ONNX Runtime silently
+    runs the session on the CPU, which the callers refuse. Returns how the libraries were loaded.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.version.cuda:
+            return f"import torch ({torch.__version__}, CUDA {torch.version.cuda})"
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+        return "onnxruntime.preload_dlls()"
+    return "default library paths"
+
+
 def cpu_fallback(ops_out: dict[str, int] | None) -> dict[str, Any] | None:
     """The finding where an optimized graph for a GPU provider copies to and from the host (nodes on the CPU)."""
     n = sum((ops_out or {}).get(op, 0) for op in MEMCPY_OPS)
@@ -47,6 +71,7 @@ class OrtCudaRunner(Runner):
     graph_note = "ONNX Runtime CUDA graphs are not used by Kiln (they need a session built for one fixed shape)"
 
     def __init__(self, engine_path: Path, device, threads: int = 0):
+        self.cuda_libraries = load_cuda_libraries()
         import onnxruntime as ort
 
         from kiln.backends.cuda import CudaRuntime
@@ -106,7 +131,8 @@ class OrtCudaRunner(Runner):
 
     def describe(self) -> dict[str, Any]:
         return {"runner": "ONNX Runtime CUDAExecutionProvider, I/O bound to device memory, on a cuda.bindings stream",
-                "providers": self.session.get_providers(), "cuda_graph": f"off ({self.graph_note})"}
+                "providers": self.session.get_providers(), "cuda_graph": f"off ({self.graph_note})",
+                "cuda_libraries": self.cuda_libraries}
 
     def close(self) -> None:
         if getattr(self, "rt", None) is None:
