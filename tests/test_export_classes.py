@@ -207,8 +207,14 @@ def test_names_that_disagree_with_the_graph_are_refused(models, tmp_path):
 
 
 def test_reference_refuses_a_derived_count_that_is_not_the_datasets(models, tmp_path):
+    """The count reaches the reference stage's input (simplify and surgery keep the metadata) and is checked there."""
+    from kiln import simplify, surgery
+
+    export.export_onnx(models["yolo_derived"], 17, tmp_path / "e.onnx")
+    simplify.simplify(tmp_path / "e.onnx", tmp_path / "s.onnx", tmp_path / "s.json")
     out = tmp_path / "y.onnx"
-    export.export_onnx(models["yolo_derived"], 17, out)
+    surgery.run_passes(tmp_path / "s.onnx", out, tmp_path / "g.json", [])
+    assert classes.recorded(onnx.load(str(out))) == 3
     annotations = tmp_path / "ann.json"
     annotations.write_text(json.dumps({"categories": [{"id": i, "name": f"c{i}"} for i in (1, 2, 3)]}))
     accuracy.check_classes(models["yolo_derived"], out, annotations)  # 3 and 3: passes
