@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.batches import Inputs
+from kiln.errors import KilnError
 from kiln.specs import ModelSpec
 
 
@@ -46,6 +47,29 @@ def detections(spec: ModelSpec, outputs: dict[str, np.ndarray], inputs: Inputs) 
             sx, sy = inputs.orig_sizes[i][0] / w, inputs.orig_sizes[i][1] / h
             d["boxes"] = (d["boxes"] * np.array([sx, sy, sx, sy])).astype(np.float32)
     return dets
+
+
+def check_classes(spec: ModelSpec, onnx_path: str | Path, annotations: str | Path) -> None:
+    """Refuse an ONNX whose class count (recorded by the export stage, kiln.classes) is not the dataset's.
+
+    The config load compares the counts the config or checkpoint state; this catches the one only the
+    exported graph showed. An ONNX without a recorded count passes (nothing is guessed).
+    """
+    import onnx
+
+    from kiln import classes
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    have = classes.recorded(model)
+    categories = json.loads(Path(annotations).read_text())["categories"]
+    if have is None or have == len(categories):
+        return
+    how = {p.key: p.value for p in model.metadata_props}.get(classes.FROM_KEY, "")
+    raise KilnError(
+        f"'{onnx_path}' of 'models.{spec.name}' outputs {have} classes ({how}) but its dataset '{spec.dataset}' has "
+        f"{len(categories)} categories ('{annotations}'), so its mAP would mean nothing: give the model a head of "
+        f"{len(categories)} classes, or point 'models.{spec.name}.dataset' at the dataset it was trained on"
+    )
 
 
 def score(dets: list[dict], inputs: Inputs, annotations: str | Path) -> dict:

@@ -93,6 +93,69 @@ def metadata(spec: ModelSpec, module) -> dict[str, str]:
     return {k: str(v) for k, v in sorted(out.items())}
 
 
+def stated_classes(spec: ModelSpec, meta: dict[str, str]) -> list[tuple[int, str]]:
+    """The class counts the config, the checkpoint and the model's names state: (count, where), maybe none."""
+    import ast
+
+    from kiln import sources
+
+    stated = []
+    found = sources.num_classes(spec)
+    if found is not None:
+        stated.append(found)
+    if meta.get("names"):
+        stated.append((len(ast.literal_eval(meta["names"])), f"the model's names ({meta['names'][:60]})"))
+    return stated
+
+
+def _classes_fix(spec: ModelSpec, where: str, graph: int) -> str:
+    if where.startswith("the model's names"):
+        return f"give the model (its 'names') one name per class, {graph}"
+    if "factory_args" in where:
+        key = where.strip("'").rsplit(".", 1)[-1]
+        return (f"set 'models.{spec.name}.factory_args.{key}: {graph}' if the model has {graph} classes, or make the "
+                f"factory build the head it is given")
+    if spec.source == "ultralytics" and spec.ultralytics_yaml:
+        return f"set 'models.{spec.name}.factory_args.nc: {graph}' or fix 'nc' in '{spec.ultralytics_yaml}'"
+    return (f"the exported output is not the head the count was read from: check that the factory's forward() gives "
+            f"layout {spec.layout} (docs/models.md, layouts) and 'models.{spec.name}.layout'")
+
+
+def check_classes(spec: ModelSpec, model, meta: dict[str, str], out: str | Path) -> dict:
+    """The class count the exported graph implies, checked against what the config or checkpoint states.
+
+    A disagreement is refused (the export leaves no ONNX). Otherwise the count goes into the ONNX's
+    metadata (kiln.classes.COUNT_KEY) with how it was read (FROM_KEY): from the graph, and whether the
+    config or checkpoint stated it; a count the graph does not show (a symbolic dimension) is not guessed.
+    Returns ``{"metadata": ..., "record": ...}``.
+    """
+    from kiln import classes
+
+    graph = classes.graph_classes(model, spec.layout)
+    stated = stated_classes(spec, meta)
+    for count, where in stated:
+        if graph.count is not None and count != graph.count:
+            raise KilnError(
+                f"export of 'models.{spec.name}' to '{out}': the exported graph has {graph.count} classes "
+                f"({graph.how}) but {where} states {count}: {_classes_fix(spec, where, graph.count)}"
+            )
+    counts = sorted({c for c, _ in stated})
+    if graph.count is not None:
+        count = graph.count
+        how = f"{graph.how}; {'as the config or checkpoint states' if stated else 'stated nowhere else: derived'}"
+    elif len(counts) == 1:
+        count, how = counts[0], f"stated by the config or checkpoint; not readable from the graph: {graph.how}"
+    else:
+        count, how = None, f"unknown: {graph.how}"
+    if count is None:
+        log.warning("export %s: class count unknown (%s)", spec.name, graph.how)
+    else:
+        log.info("export %s: %d classes (%s)", spec.name, count, how)
+    record = {"count": count, "how": how, "stated": [{"count": c, "where": w} for c, w in stated]}
+    meta = {classes.FROM_KEY: how, **({classes.COUNT_KEY: str(count)} if count is not None else {})}
+    return {"metadata": meta, "record": record}
+
+
 def _export(spec: ModelSpec, opset: int, out: str | Path) -> dict:
     import onnx
     import torch
@@ -114,10 +177,6 @@ def _export(spec: ModelSpec, opset: int, out: str | Path) -> dict:
                 dynamo=False,  # the TorchScript exporter gives stable bytes and honours opset exactly
             )
         model = onnx.load(str(tmp))
-        meta = metadata(spec, module)
-        for key, value in meta.items():
-            model.metadata_props.add(key=key, value=value)
-        onnx.save(model, str(tmp))
         try:
             onnx.checker.check_model(model, full_check=True)
         except onnx.checker.ValidationError as err:
@@ -130,8 +189,14 @@ def _export(spec: ModelSpec, opset: int, out: str | Path) -> dict:
                 f"layout {spec.layout} needs {list(spec.input_names)} -> {list(spec.head_output_names)}: "
                 f"check 'models.{spec.name}.layout' and the factory's forward()"
             )
+        meta = metadata(spec, module)
+        found = check_classes(spec, model, meta, out)
+        meta = {**meta, **found["metadata"]}
+        for key, value in sorted(meta.items()):
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(tmp))
     log.info("export %s: %d nodes written to %s", spec.name, len(model.graph.node), out)
-    return {"nodes": len(model.graph.node), "opset": opset, "metadata": meta}
+    return {"nodes": len(model.graph.node), "opset": opset, "metadata": meta, "classes": found["record"]}
 
 
 def run_rule(cfg, job) -> None:

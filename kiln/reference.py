@@ -28,10 +28,11 @@ def make_reference(
     """Run the fp32 ONNX on the CPU provider (the reference must not depend on a GPU) and score it."""
     import onnxruntime as ort
 
-    from kiln.accuracy import task_map
+    from kiln.accuracy import check_classes, task_map
     from kiln.backends.onnxruntime import OrtRunner
 
     spec = cfg.models[model]
+    check_classes(spec, onnx_path, annotations)
     inputs = load_inputs(inputs_npz)
     runner = OrtRunner(onnx_path, providers=[REFERENCE_PROVIDER], optimize=True)
     t0 = time.perf_counter()
