@@ -302,7 +302,8 @@ def _check_streams(raw: dict) -> None:
                             f"out for the default [1, 2, 4, 8]")
         for i, n in enumerate(streams):
             if not _positive_int(n):
-                raise KilnError(f"{key}[{i}] is {n!r}: stream counts are whole numbers of 1 or more")
+                raise KilnError(f"config: 'validation.streams[{i}]' is {n!r}: stream counts are whole numbers of 1 "
+                                f"or more")
         twice = sorted({n for n in streams if streams.count(n) > 1})
         if twice:
             raise KilnError(f"{key} lists {', '.join(map(str, twice))} twice: list each count once")
