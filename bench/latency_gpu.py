@@ -18,12 +18,21 @@ chain into a CUDA graph through cuda.bindings and the graph's replay is timed an
 
 Usage: python bench/latency_gpu.py [--out DIR] [--seconds 0.5]. Writes DIR/latency_gpu.json and
 prints a Markdown table. Needs torch with CUDA and cuda-bindings.
+
+Streams mode, ``--streams 1,2,4,8``: throughput at N concurrent streams with Kiln's streams harness
+(kiln.streams.measure_device, as validation times TensorRT's execution contexts). The stand-in engine
+is a bf16 conv stack at batch 1 whose weights all streams share; each stream is its own "context": its
+own torch.cuda.Stream, input and output buffers and CUDA graph captured on that stream, timed by its
+own kiln.latency.CudaEventTimer on kiln.latency.TorchCudaEvents, one host thread enqueuing
+round-robin with two queries in flight per stream. Writes DIR/latency_gpu_streams.json (images/s,
+pooled and per-stream p50/p99 at each count, best by kiln.streams.BEST_RULE, memory per context from
+torch.cuda.memory_allocated before and after making the contexts) and prints a table. Needs torch
+with CUDA only.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -36,16 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _load_latency():
-    """kiln/validate/latency.py on its own (the kiln.validate package imports the whole stage)."""
-    spec = importlib.util.spec_from_file_location("kiln_latency", ROOT / "kiln" / "validate" / "latency.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kiln_latency"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-latency = _load_latency()
+from kiln import latency  # noqa: E402  (kiln/latency.py and kiln/streams.py import only numpy)
+from kiln import streams as kiln_streams  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peak and memory bandwidth from NVIDIA's datasheets, matched
 # against the name the driver reports, most specific first.
@@ -359,12 +360,137 @@ def baseline_check(seconds: float) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Streams mode
+
+
+class StreamContext:
+    """One stream's "execution context" over the shared stand-in engine: its stream, buffers and graph."""
+
+    def __init__(self, step, events, keep=()):
+        self.step = step  # enqueues one query on this context's stream
+        self.events = events  # CUDA events recorded on that stream (kiln.latency.EventBackend)
+        self.keep = keep  # what must live as long as the context (buffers, graph)
+
+
+def parse_counts(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]; one clear error for anything else."""
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 1 for n in counts) or len(set(counts)) != len(counts):
+        raise SystemExit(f"--streams {text!r}: give distinct stream counts of 1 or more, e.g. 1,2,4,8")
+    return sorted(counts)
+
+
+def streams_sweep(counts, make_context, memory_allocated, seconds: float, batch_size: int = 1,
+                  warmup_ms: float = 100.0, min_iterations: int = 50, depth: int = 2, release=lambda: None) -> dict:
+    """At each count: make that many contexts (memory per context from the allocator's delta), time them
+    together with kiln.streams.measure_device, drop them; images/s per count and the best count."""
+    rows = []
+    for n in counts:
+        before = memory_allocated()
+        contexts = [make_context(i) for i in range(n)]
+        per_context = (memory_allocated() - before) / n
+        timers = [latency.CudaEventTimer(c.events, spin_wait=True) for c in contexts]
+        stats = kiln_streams.measure_device([c.step for c in contexts], timers, batch_size, warmup_ms,
+                                            min_iterations, seconds, depth=depth)
+        rows.append({**stats.to_dict(), "memory_per_context_bytes": round(per_context)})
+        print(f"done {n} streams: {stats.images_per_s:.1f} images/s", file=sys.stderr, flush=True)
+        del contexts, timers
+        release()
+    ips = {r["streams"]: r["images_per_s"] for r in rows}
+    return {"results": rows, "images_per_s": {str(k): v for k, v in ips.items()},
+            "best": kiln_streams.best(ips), "best_rule": kiln_streams.BEST_RULE}
+
+
+def torch_context_factory(torch, channels: int = 64, size: int = 128, layers: int = 8, batch: int = 1):
+    """make_context(i) for the stand-in engine: a shared bf16 conv stack, per context its own stream,
+    input, output and CUDA graph captured on that stream."""
+    nn = torch.nn
+    convs = nn.Sequential(*[nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(layers)])
+    convs = convs.to("cuda", dtype=torch.bfloat16, memory_format=torch.channels_last).eval()
+
+    def make_context(i: int) -> StreamContext:
+        stream = torch.cuda.Stream()
+        x = torch.randn(batch, channels, size, size, device="cuda", dtype=torch.bfloat16).to(
+            memory_format=torch.channels_last)
+        stream.wait_stream(torch.cuda.current_stream())  # x is made on the current stream
+        with torch.inference_mode():
+            with torch.cuda.stream(stream):  # warm-up on the capture stream (cuDNN picks its kernels)
+                for _ in range(3):
+                    convs(x)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                y = convs(x)
+        graph.replay()  # replays on the current stream: once, so the context has run before it is timed
+        torch.cuda.synchronize()
+
+        def step():
+            with torch.cuda.stream(stream):
+                graph.replay()
+
+        return StreamContext(step, latency.TorchCudaEvents(stream), keep=(x, y, graph))
+
+    name = f"conv stack {layers}x {channels}ch 3x3 {size}x{size} batch {batch} bf16, CUDA graph per context"
+    return name, make_context, convs
+
+
+def streams_main(args) -> int:
+    counts = parse_counts(args.streams)
+    try:
+        import torch
+    except ImportError:
+        print("streams mode needs PyTorch with CUDA: torch is not installed here", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("streams mode needs a CUDA GPU: torch sees none here", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    info = gpu_info(torch)
+    torch.backends.cudnn.benchmark = True
+    name, make_context, _weights = torch_context_factory(torch)
+
+    def release():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+    sweep = streams_sweep(counts, make_context, torch.cuda.memory_allocated, args.seconds, release=release)
+    result = {"gpu": info, "workload": name, "seconds_per_measurement": args.seconds, **sweep,
+              "bench_seconds": round(time.perf_counter() - t0, 1)}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "latency_gpu_streams.json").write_text(json.dumps(result, indent=1))
+    print(streams_report(result))
+    return 0
+
+
+def streams_report(r: dict) -> str:
+    lines = [f"Streams: {r['workload']} on {r['gpu']['name']}", "",
+             "| streams | images/s | p50 ms (pooled) | p99 ms (pooled) | per stream p50 / p99 ms | MiB per context |",
+             "|---|---|---|---|---|---|"]
+    for row in r["results"]:
+        per = ", ".join(f"{s['p50_ms']:.3f} / {s['p99_ms']:.3f}" for s in row["per_stream"])
+        lines.append(f"| {row['streams']} | {row['images_per_s']:.1f} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | "
+                     f"{per} | {row['memory_per_context_bytes'] / 2**20:.2f} |")
+    lines += ["", f"best: {r['best']} streams ({r['best_rule']})"]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--seconds", type=float, default=0.5, help="minimum timed seconds per measurement")
+    ap.add_argument("--streams", help="streams mode: comma-separated stream counts, e.g. 1,2,4,8")
     args = ap.parse_args()
-    import torch
+    if args.streams:
+        return streams_main(args)
+    try:
+        import torch
+    except ImportError:
+        print("bench/latency_gpu.py needs PyTorch with CUDA: torch is not installed here", file=sys.stderr)
+        return 2
 
     if not torch.cuda.is_available():
         print("no CUDA GPU visible to torch", file=sys.stderr)

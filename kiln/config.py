@@ -121,6 +121,7 @@ def validate_schema(raw: dict, schema_path: Path = SCHEMA_PATH) -> dict:
 
 def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnConfig:
     """Validate a raw config dict and build the typed, cross-checked KilnConfig."""
+    _check_streams(raw)
     data = validate_schema(raw)
     base = Path(base)
 
@@ -245,6 +246,7 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
             dla_core=d.get("dla_core"),
             profiles=tuple(d.get("profiles") or ()),
             cluster=dict(d["cluster"]),
+            max_streams=d["max_streams"],
         )
         backend = backends.get(device.backend)
         # Backends know the strict precisions: a mixed variant is checked as the precision it stands for.
@@ -282,6 +284,33 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
         validation=data["validation"],
         raw=data,
     )
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_streams(raw: dict) -> None:
+    """`validation.streams` and `devices.<name>.max_streams`, with their fixes (before the schema's generic words)."""
+    streams = (raw.get("validation") or {}).get("streams") if isinstance(raw.get("validation"), dict) else None
+    key = "config: 'validation.streams'"
+    if streams is not None:
+        if not isinstance(streams, list):
+            raise KilnError(f"{key} is {streams!r}: write a list of stream counts, e.g. [1, 2, 4, 8]")
+        if not streams:
+            raise KilnError(f"{key} is an empty list: list at least one stream count, e.g. [1], or leave the key "
+                            f"out for the default [1, 2, 4, 8]")
+        for i, n in enumerate(streams):
+            if not _positive_int(n):
+                raise KilnError(f"config: 'validation.streams[{i}]' is {n!r}: stream counts are whole numbers of 1 "
+                                f"or more")
+        twice = sorted({n for n in streams if streams.count(n) > 1})
+        if twice:
+            raise KilnError(f"{key} lists {', '.join(map(str, twice))} twice: list each count once")
+    for name, d in (raw.get("devices") or {}).items():
+        if isinstance(d, dict) and "max_streams" in d and not _positive_int(d["max_streams"]):
+            raise KilnError(f"config: 'devices.{name}.max_streams' is {d['max_streams']!r}: use a whole number of "
+                            f"1 or more (default 8)")
 
 
 def _variants(backend, device: DeviceProfile, strict: DeviceProfile) -> dict[str, str]:

@@ -114,6 +114,8 @@ class DeviceProfile:
     dla_core: int | None = None
     profiles: tuple = ()
     cluster: dict = field(default_factory=dict)
+    # The most concurrent streams validation times on this device (validation.streams above it are dropped).
+    max_streams: int = 8
     # Engine precision -> the precision-variant ONNX its backend builds it from (the loader asks the
     # backend once: kiln.backends.Backend.source_precision). fp32 for "best" on TensorRT < 11, say.
     variants: dict = field(default_factory=dict)

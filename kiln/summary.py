@@ -21,6 +21,7 @@ COLUMNS = [
     "map50_95", "map50", "map_drop", "map50_drop",
     "batch_size", "latency_mean_ms", "latency_median_ms", "latency_p99_ms", "latency_cv_percent", "throughput_ips",
     "gpu_compute_median_ms", "pipeline_median_ms", "pytorch_latency_median_ms", "speedup_vs_pytorch",
+    "best_streams", "streams_images_per_s", "streams_p99_ms", "images_per_s_by_streams",
     "diagnosis", "flags", "hint", "kept",
 ]
 
@@ -196,7 +197,19 @@ def _row(
         # PyTorch eager on the same device, same inputs and timer: its median over the engine's at batch 1.
         row["pytorch_latency_median_ms"] = (v.get("baseline") or {}).get("median_ms_batch1")
         row["speedup_vs_pytorch"] = v.get("speedup_vs_pytorch")
+        row.update(_streams(v.get("streams")))
     return row
+
+
+def _streams(rec: dict | None) -> dict:
+    """Concurrent streams (validation.json "streams"): the count to deploy with, its images/s and p99,
+    and images/s at each count timed ({"1": ..., "2": ...})."""
+    best = (rec or {}).get("best")
+    at = next((r for r in rec["results"] if r["streams"] == best), None) if best else None
+    if at is None:
+        return {}
+    return {"best_streams": best, "streams_images_per_s": at["images_per_s"], "streams_p99_ms": at["p99_ms"],
+            "images_per_s_by_streams": dict(rec["images_per_s"])}
 
 
 def rows(cfg: KilnConfig, cannot_build: dict[str, str], cannot_run: dict[str, str], local=str) -> list[dict]:
@@ -229,6 +242,8 @@ def deploy_markdown(plan: list[dict]) -> str:
 def _fmt(value) -> str:
     if value is None:
         return ""
+    if isinstance(value, dict):  # images/s by stream count: "1: 120.3, 2: 210.5"
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
@@ -237,7 +252,8 @@ def _fmt(value) -> str:
 def to_markdown(table: list[dict]) -> str:
     cols = ["model", "device", "precision", "status", "flags", "map50_95", "map50", "map50_drop", "parity_weakest",
             "parity_min_cosine", "detection_match_rate", "latency_median_ms", "latency_p99_ms", "throughput_ips",
-            "pipeline_median_ms", "speedup_vs_pytorch", "engine_bytes", "reason", "kept"]
+            "pipeline_median_ms", "speedup_vs_pytorch", "best_streams", "streams_images_per_s",
+            "images_per_s_by_streams", "engine_bytes", "reason", "kept"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table:
         lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in cols) + " |")
@@ -274,7 +290,7 @@ def write_summary(
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: _fmt(v) if isinstance(v, float) else v for k, v in r.items()} for r in table)
+    writer.writerows({k: _fmt(v) if isinstance(v, float | dict) else v for k, v in r.items()} for r in table)
     with atomic_path(out_csv) as tmp:
         tmp.write_text(buf.getvalue())
     with atomic_path(out_md) as tmp:

@@ -292,9 +292,10 @@ def test_workflow_writes_the_page_and_snakemake_report(tmp_path):
     # Random weights: both were validated, and a reference with random weights measures nothing (issue 15).
     assert statuses[("yolo_demo", "cpu", "fp32")] == "not measurable"
     assert statuses[("yolo_demo", "cpu", "int8")] == "not measurable"
-    # Accuracy vs latency, build time, cpu latency, cpu throughput, and the detection pictures side by side.
+    # Accuracy vs latency, build time, cpu latency, cpu throughput vs batch and vs streams, and the detection
+    # pictures side by side.
     pictures = read_json(results / "validation/cpu/yolo_demo/fp32/validation.json").get("pictures") or []
-    assert len(page.images) == 4 + len(pictures)
+    assert len(page.images) == 5 + len(pictures)
     assert (results / "logs/page/page.log").is_file()
 
     proc = _snakemake(tmp_path, "--report", str(results / "report/report.html"))
@@ -308,7 +309,7 @@ def test_workflow_writes_the_page_and_snakemake_report(tmp_path):
         "results/report/plots/models/yolo_demo/accuracy_latency.png", "results/report/plots/models/yolo_demo/build_time.png"]
     cpu = "results/report/plots/devices/yolo_demo/cpu/"
     assert sorted(categories["yolo_demo"]["cpu"]) == sorted(
-        [cpu + "latency.png", cpu + "throughput.png"] + [cpu + Path(p).stem + ".jpg" for p in pictures])
+        [cpu + "latency.png", cpu + "throughput.png", cpu + "streams.png"] + [cpu + Path(p).stem + ".jpg" for p in pictures])
     assert "Pareto front" in report  # the figure captions, report/plot.rst, rendered per figure
 
     proc = _snakemake(tmp_path, "-n")

@@ -7,7 +7,8 @@ method without a default is abstract, so a backend that lacks one fails when it 
 naming what is missing.
 
 Its engines run through a :class:`Runner`: activated when constructed, then ``infer`` (and, for
-runners timed on the device, ``query``), then ``close``.
+runners timed on the device, ``query``), then ``close``. ``streams(n)`` gives runners over the same
+engine for N concurrent streams, ``context_memory``/``memory_in_use`` what each more one costs.
 """
 
 from __future__ import annotations
@@ -57,6 +58,32 @@ class Runner(ABC):
     def describe(self) -> dict[str, Any]:
         """What validation.json records about the runner (providers, profile, CUDA graphs)."""
         return {}
+
+    # ---- concurrent streams (kiln.streams, validation's "streams")
+
+    def streams(self, n: int) -> list[Runner]:
+        """`n` runners over this one's engine that may run concurrently, one per stream; the first is self.
+
+        TensorRT: an execution context and a CUDA stream each (trtexec's --infStreams). ONNX Runtime:
+        the one session, shared (its Run is thread-safe). Close the others when done; closing them
+        leaves this runner and its engine open. By default a runner is one stream only: it does not
+        say that its engine may run concurrently.
+        """
+        if n == 1:
+            return [self]
+        raise NotImplementedError(f"{type(self).__name__} does not run concurrent streams (Runner.streams)")
+
+    def context_memory(self) -> dict[str, Any]:
+        """Memory one more stream takes, where the engine tells it: {"bytes": int | None, "method": str}.
+
+        TensorRT answers with the engine's device memory per execution context. Where the engine does not
+        tell it (None), validation measures it with ``memory_in_use`` around the extra streams' first run.
+        """
+        return {"bytes": None, "method": None}
+
+    def memory_in_use(self) -> tuple[int, str] | None:
+        """A reading of the memory the runner's process or device holds now, and what was read; None: unknown."""
+        return None
 
     def close(self) -> None:
         """Release the engine, its contexts and device memory (nothing to release by default)."""

@@ -213,8 +213,50 @@ class OrtRunner(Runner):
     def describe(self) -> dict:
         return {"providers": self.session.get_providers()}
 
+    def streams(self, n: int) -> list[Runner]:
+        """This runner and n-1 more over the same InferenceSession, one thread each.
+
+        ONNX Runtime's Run is thread-safe on one session: "Multiple threads can invoke the Run() method
+        on the same inference session object" (ONNX Runtime, High Level Design, Key design decisions:
+        https://onnxruntime.ai/docs/reference/high-level-design.html; microsoft/onnxruntime#19301). The
+        session's weights and intra-op thread pool are shared; each run has its own intermediate tensors.
+        """
+        return [self] + [SessionStream(self) for _ in range(n - 1)]
+
+    def memory_in_use(self) -> tuple[int, str] | None:
+        return resident_bytes()
+
     def close(self) -> None:
         self.session = None
+
+
+class SessionStream(Runner):
+    """One more stream on an OrtRunner's session: the same session, run from its own thread."""
+
+    def __init__(self, owner: OrtRunner):
+        self.session = owner.session
+        self.input_names, self.output_names = owner.input_names, owner.output_names
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(list(self.output_names), feeds)))
+
+    def close(self) -> None:
+        self.session = None  # the owner's session stays open
+
+
+def resident_bytes() -> tuple[int, str] | None:
+    """This process's resident memory (VmRSS of /proc/self/status; psutil where there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024, "VmRSS of /proc/self/status"
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss, "psutil resident set size"
 
 
 def load_runner(engine_path: Path, device, threads: int = 0) -> Runner:

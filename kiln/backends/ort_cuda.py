@@ -129,6 +129,20 @@ class OrtCudaRunner(Runner):
         dim = self.session.get_inputs()[0].shape[0]
         return dim if isinstance(dim, int) else None
 
+    def streams(self, n: int) -> list[Runner]:
+        """This runner and n-1 more on the same session, each with its own I/O binding and device buffers.
+
+        ONNX Runtime's Run is thread-safe on one session ("Multiple threads can invoke the Run() method on
+        the same inference session object": https://onnxruntime.ai/docs/reference/high-level-design.html).
+        The CUDA provider runs a session's kernels on its one compute stream (``user_compute_stream``), so
+        the streams' copies and kernels queue on that CUDA stream: they share the weights, not the stream.
+        """
+        return [self] + [_SessionStream(self) for _ in range(n - 1)]
+
+    def memory_in_use(self) -> tuple[int, str] | None:
+        free, total = self.rt("cudaMemGetInfo")
+        return int(total) - int(free), "device memory in use (cudaMemGetInfo total - free)"
+
     def describe(self) -> dict[str, Any]:
         return {"runner": "ONNX Runtime CUDAExecutionProvider, I/O bound to device memory, on a cuda.bindings stream",
                 "providers": self.session.get_providers(), "cuda_graph": f"off ({self.graph_note})",
@@ -139,14 +153,17 @@ class OrtCudaRunner(Runner):
             return
         with contextlib.suppress(Exception):
             self.rt("cudaStreamSynchronize", self.stream)
-        for buf, _, _ in self._buffers.values():
-            buf.free()
-        self._buffers = {}
-        self._binding = None
+        self._free()
         self.session = None
         with contextlib.suppress(Exception):
             self.cudart.cudaStreamDestroy(self.stream)
         self.rt = None
+
+    def _free(self) -> None:
+        for buf, _, _ in self._buffers.values():
+            buf.free()
+        self._buffers = {}
+        self._binding = None
 
     # ------------------------------------------------------------------ buffers
 
@@ -192,3 +209,24 @@ class OrtCudaRunner(Runner):
         buf, dtype, shape = self._buffers[name]
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return buf.host_bytes(n).view(dtype).reshape(shape)
+
+
+class _SessionStream(OrtCudaRunner):
+    """One more stream on an OrtCudaRunner's session: its own I/O binding and buffers, the session's stream."""
+
+    def __init__(self, owner: OrtCudaRunner):
+        self.rt, self.cudart, self.stream = owner.rt, owner.cudart, owner.stream
+        self.session, self.engine_path = owner.session, owner.engine_path
+        self.input_names, self.output_names = owner.input_names, owner.output_names
+        self.run_options = owner.run_options
+        self._buffers, self._binding, self._shapes = {}, None, {}
+
+    def close(self) -> None:
+        """Free this stream's buffers; the session and its CUDA stream stay the owner's."""
+        if getattr(self, "rt", None) is None:
+            return
+        with contextlib.suppress(Exception):
+            self.rt("cudaStreamSynchronize", self.stream)
+        self._free()
+        self.session = None
+        self.rt = None

@@ -37,6 +37,12 @@ class Engine:
         """Latency stats per batch size, as validation measured them (empty if it did not)."""
         return (self.validation or {}).get("latency") or []
 
+    @property
+    def streams(self) -> dict:
+        """Throughput at N concurrent streams, as validation measured it (empty if it did not)."""
+        rec = (self.validation or {}).get("streams") or {}
+        return rec if rec.get("results") else {}
+
 
 @dataclass
 class Model:

@@ -62,6 +62,8 @@ COLUMNS: list[tuple[str, str, Callable]] = [
     ("pipeline_median_ms", "pipeline p50 ms", _num(2)),
     ("pytorch_latency_median_ms", "PyTorch p50 ms (batch 1)", _num(2)),
     ("speedup_vs_pytorch", "speed-up vs PyTorch", _speedup),
+    ("best_streams", "best streams", str),
+    ("streams_images_per_s", "images/s at best streams", _num(1)),
     ("flags", "flags", str),
     ("reason", "reason", str),
 ]
@@ -184,7 +186,8 @@ class Figure:
 
 TITLES = {"accuracy_latency": "Accuracy vs latency (Pareto front of the engines that passed: dashed, circled)",
           "build_time": "Build time per device", "latency": "Latency distribution per engine",
-          "throughput": "Throughput vs batch size"}
+          "throughput": "Throughput vs batch size",
+          "streams": "Throughput vs concurrent streams (best stream count circled)"}
 
 
 def draw(run: Run, model_plots: str | Path, device_plots: str | Path) -> dict[str, list[Figure]]:

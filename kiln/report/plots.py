@@ -142,6 +142,34 @@ def throughput_batch(model: Model, device: str) -> bytes | None:
     return _png(fig)
 
 
+def throughput_streams(model: Model, device: str) -> bytes | None:
+    """Images per second against concurrent streams, one line per precision, its best count circled."""
+    engines = [e for e in model.engines if e.device == device and e.streams]
+    if not engines:
+        return None
+    fig, ax = _figure(6.4, 3.6)
+    counts: set[int] = set()
+    for e in engines:
+        res = e.streams["results"]
+        xs = [r["streams"] for r in res]
+        counts |= set(xs)
+        ax.plot(xs, [r["images_per_s"] for r in res], marker="o", color=_colour(e.precision),
+                label=f"{e.precision} (batch {e.streams['batch_size']}, best {e.streams['best']})")
+        at = next((r for r in res if r["streams"] == e.streams.get("best")), None)
+        if at:
+            ax.scatter(at["streams"], at["images_per_s"], s=180, facecolors="none", edgecolors="black", zorder=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(counts), [str(s) for s in sorted(counts)])
+    ax.minorticks_off()
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("throughput (images/s, all streams)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{model.name} on {device}: throughput vs streams")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def build_time(model: Model) -> bytes | None:
     """Engine build seconds per device (engine.json), one bar per precision; failed builds hatched."""
     built: list[Engine] = [e for e in model.engines if e.record and e.record.get("build_seconds") is not None]
@@ -212,4 +240,4 @@ def detections_side_by_side(model: Model, device: str, name: str, height: int = 
 
 
 MODEL_PLOTS = {"accuracy_latency": accuracy_latency, "build_time": build_time}
-DEVICE_PLOTS = {"latency": latency_distribution, "throughput": throughput_batch}
+DEVICE_PLOTS = {"latency": latency_distribution, "throughput": throughput_batch, "streams": throughput_streams}

@@ -8,7 +8,9 @@ the engine's profile admits (powers of two up to its largest, plus the configure
 trtexec (or tensorrt_rtx) is on PATH it times the same engine with the same settings pinned, and
 both are recorded. Every device also gets the end-to-end detection latency (preprocessing +
 engine + decode/NMS, host-timed, kiln.validate.pipeline), a few pictures of its detections, and
-its speedup over the PyTorch eager baseline (kiln.baseline) at batch 1.
+its speedup over the PyTorch eager baseline (kiln.baseline) at batch 1, and its throughput at N
+concurrent streams (validation.streams, kiln.validate.streams): images/s, per-stream p50/p99 and the
+stream count to deploy with.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from kiln.findings import NOT_MEASURABLE
 from kiln.parity import gate
 from kiln.specs import KilnConfig, base_precision
 from kiln.util import read_json, write_json
-from kiln.validate import pictures, pipeline
+from kiln.validate import pictures, pipeline, streams
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ def params(cfg: KilnConfig, device: str, model: str, precision: str) -> dict:
         "min_reference_map": v["min_reference_map"],
         "threads": d.threads,
         "decode": cfg.models[model].decode,
+        "streams": v["streams"],
+        "max_streams": d.max_streams,
         "gpu_timing": GPU_TIMING,
         "pictures": PICTURES,
     }
@@ -142,6 +146,10 @@ def validate(
     else:
         result["latency"] = _host_latency(runner, spec, d, inputs, L)
     lat = result["latency"]
+    log.info("validate %s/%s/%s: throughput at %s concurrent streams", device, model, precision,
+             "/".join(map(str, v["streams"])))
+    result["streams"] = streams.measure(runner, spec, d, lambda bs: _feeds(spec, inputs, bs), v["streams"], L,
+                                        GPU_TIMING)
     log.info("validate %s/%s/%s: end-to-end pipeline latency", device, model, precision)
     result["pipeline"] = pipeline.measure(spec, runner.infer, pipeline.load_images(annotations, max(d.batch_sizes)),
                                           d.batch_sizes, L)

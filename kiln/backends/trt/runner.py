@@ -233,6 +233,32 @@ class TrtEngineRunner(Runner):
 
         return step
 
+    # ---- concurrent streams
+
+    def streams(self, n: int) -> list[Runner]:
+        """This runner and n-1 more over the same engine, each its own execution context, CUDA stream,
+        buffers and CUDA graph: trtexec's ``--infStreams=n`` (n contexts running concurrently)."""
+        out: list[Runner] = [self]
+        for _ in range(n - 1):
+            other = type(self).__new__(type(self))
+            other._setup(self.trt, self.engine, self.rt, self.flavor, self.cuda_graph != "off")
+            other.engine_path = self.engine_path
+            out.append(other)
+        return out
+
+    def context_memory(self) -> dict[str, Any]:
+        """The engine's device memory per execution context (activations and scratch; TensorRT 10's
+        ``ICudaEngine.device_memory_size_v2``, else ``device_memory_size`` of older releases)."""
+        for name in ("device_memory_size_v2", "device_memory_size"):
+            size = getattr(self.engine, name, None)
+            if isinstance(size, int):
+                return {"bytes": size, "method": f"ICudaEngine.{name}"}
+        return {"bytes": None, "method": None}
+
+    def memory_in_use(self) -> tuple[int, str] | None:
+        free, total = self.rt("cudaMemGetInfo")
+        return int(total) - int(free), "device memory in use (cudaMemGetInfo total - free)"
+
     def describe(self) -> dict[str, Any]:
         return {
             "runner": f"{LABELS.get(self.flavor, self.flavor)} execute_async_v3 on a cuda.bindings stream",
