@@ -684,6 +684,10 @@ def test_gpu_latency_sweeps_the_profile_and_runs_trtexec_alike(with_tool, tmp_pa
         assert set(x["phases"]) == {"h2d", "compute", "d2h", "enqueue"} and x["depth"] == 2
         assert x["iterations"] >= 3 and x["cuda_graph"] == "stream capture"
         assert x["timer"].startswith("CUDA events (cuda.bindings)")
+        # The same query host-timed, each waited for: the check of the events (docs/latency.md).
+        check = x["host_check"]
+        assert check["timer"] == "host perf_counter, each query waited for" and check["iterations"] >= 3
+        assert check["median_ms"] > 0 and check["host_over_events"] == check["median_ms"] / x["median_ms"]
     assert result["latency_method"]["batch_sizes"] == [1, 2, 3, 4, 8] and result["latency_method"]["spin_wait"]
     if with_tool:
         assert [t["batch_size"] for t in result["trtexec"]] == [1, 2, 3, 4, 8]

@@ -213,10 +213,12 @@ def _gpu_latency(backend, runner, spec, d, inputs, L: dict) -> dict:
         log.info("latency at batch %d (CUDA events, %s)", bs, runner.describe()["cuda_graph"])
         stats = latency.measure(step, bs, L["warmup_ms"], L["min_iterations"], L["min_seconds"], L["cv_warn_percent"],
                                 timer=timer, depth=GPU_TIMING["depth"])
+        check = _host_check(step, events, bs, L, stats)
         events.close()
         if stats.warning:
             log.warning("batch %d: %s", bs, stats.warning)
-        lat.append({**stats.to_dict(), "cuda_graph": runner.describe()["cuda_graph"], "profile": runner.profile})
+        lat.append({**stats.to_dict(), "cuda_graph": runner.describe()["cuda_graph"], "profile": runner.profile,
+                    "host_check": check})
         if tool_name and runner.engine_path and not tool_missing:
             shapes = {n: list(np.shape(feeds[n])) for n in runner.input_names}
             rec = backend.latency_tool(runner, shapes, settings)
@@ -233,6 +235,24 @@ def _gpu_latency(backend, runner, spec, d, inputs, L: dict) -> dict:
         result["trtexec"] = ({"status": "not run", "reason": f"{tool_name} is not on PATH"} if tool_missing
                              else tool)
     return result
+
+
+def _host_check(step, events, batch: int, L: dict, stats) -> dict:
+    """The same query timed by the host clock, each waited for before the next (one in flight): a check of
+    the CUDA events. The host time adds the launch and the wait, so it should be at or a little above the
+    events' latency; far below it, or far above it, says the events or the stream are not what was timed."""
+    done = events.create()
+
+    def waited() -> None:
+        step()
+        events.record(done)
+        events.synchronize(done)
+
+    host = latency.measure(waited, batch, L["warmup_ms"], L["min_iterations"], L["min_seconds"] / 2,
+                           L["cv_warn_percent"])
+    return {"timer": host.timer + ", each query waited for", "median_ms": host.median_ms, "p99_ms": host.p99_ms,
+            "iterations": host.iterations,
+            "host_over_events": host.median_ms / stats.median_ms if stats.median_ms > 0 else None}
 
 
 def _speedup(baseline: Path | None, lat: list[dict]) -> dict:
