@@ -90,7 +90,12 @@ EOF
 device() {
   local pack=${1:?usage: device PACK}
   step "install the wheelhouse into $SITE (no index, no dependencies resolved)"
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$pack"/wheels/*.whl
+  if python3 -m pip --version > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$pack"/wheels/*.whl
+  else  # no pip in this Python: a wheel is a zip of its files, unpacked as pip --target would
+    python3 -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" \
+      "$SITE" "$pack"/wheels/*.whl
+  fi
   export PYTHONPATH="$SITE:$PWD"
   tar xzf "$pack/results.tar.gz"
   python3 -c "import torch, onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers(), \
