@@ -84,6 +84,30 @@ def tiny_run(tmp_path_factory) -> Path:
     return work
 
 
+def random_yolo_config() -> dict:
+    """tiny_config's yolo_demo alone (random weights at its usual path): cpu fp32 and int8 at batch sizes 1
+    and 2, rtx fp16, h100 fp16 (not run here)."""
+    cfg = tiny_config()
+    del cfg["models"]["rtdetr_demo"]
+    cfg["devices"]["cpu"].update(precisions=["fp32", "int8"], batch_sizes=[1, 2])
+    cfg["devices"]["rtx"]["precisions"] = ["fp16"]
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def random_yolo_run(tmp_path_factory) -> Path:
+    """The whole workflow on random_yolo_config(), with random_checkpoints()' yolo weights, once for the session.
+
+    Read-only like tiny_run: tests that run Snakemake on it again work on a copy (copy_run).
+    """
+    work = tmp_path_factory.mktemp("random-yolo-run")
+    random_checkpoints(work / "models/demo_yolo.pt")
+    write_config(work / "config.yaml", random_yolo_config())
+    proc = snakemake(work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return work
+
+
 def copy_run(src: Path, dst: Path, config: dict | None = None) -> Path:
     """A private copy of a finished run: results/, models/ and Snakemake's metadata (.snakemake/, which
     holds each output's params, code and inputs), every file's mtime kept, so Snakemake sees the same
