@@ -1,10 +1,12 @@
-"""Shared fixtures: a small valid config on disk, and helpers to break it."""
+"""Shared fixtures: a small valid config on disk, helpers to break it, and one tiny workflow run per session."""
 
 from __future__ import annotations
 
 import copy
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,67 @@ def kiln_cache(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KILN_CACHE_DIR", str(folder))
         yield folder
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The repository's workflow in `workdir` on its config.yaml, two cores."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The whole workflow on tiny_config() (committed demo checkpoints), run once for the session.
+
+    Several test files read its results; none may change the folder. A test that damages, edits or
+    reruns results works on copy_run(tiny_run, ...) instead.
+    """
+    work = tmp_path_factory.mktemp("tiny-run")
+    (work / "models").mkdir()
+    for name in ("demo_yolo.pt", "demo_rtdetr.pt"):
+        if not (REPO / "models" / name).is_file():
+            pytest.skip(f"committed checkpoint models/{name} is missing")
+        shutil.copy(REPO / "models" / name, work / "models" / name)
+    write_config(work / "config.yaml", tiny_config())
+    proc = snakemake(work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return work
+
+
+def random_yolo_config() -> dict:
+    """tiny_config's yolo_demo alone (random weights at its usual path): cpu fp32 and int8 at batch sizes 1
+    and 2, rtx fp16, h100 fp16 (not run here)."""
+    cfg = tiny_config()
+    del cfg["models"]["rtdetr_demo"]
+    cfg["devices"]["cpu"].update(precisions=["fp32", "int8"], batch_sizes=[1, 2])
+    cfg["devices"]["rtx"]["precisions"] = ["fp16"]
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def random_yolo_run(tmp_path_factory) -> Path:
+    """The whole workflow on random_yolo_config(), with random_checkpoints()' yolo weights, once for the session.
+
+    Read-only like tiny_run: tests that run Snakemake on it again work on a copy (copy_run).
+    """
+    work = tmp_path_factory.mktemp("random-yolo-run")
+    random_checkpoints(work / "models/demo_yolo.pt")
+    write_config(work / "config.yaml", random_yolo_config())
+    proc = snakemake(work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return work
+
+
+def copy_run(src: Path, dst: Path, config: dict | None = None) -> Path:
+    """A private copy of a finished run: results/, models/ and Snakemake's metadata (.snakemake/, which
+    holds each output's params, code and inputs), every file's mtime kept, so Snakemake sees the same
+    state there. With `config`, that config is written as the copy's config.yaml: the next run makes
+    only what it changes."""
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    if config is not None:
+        write_config(dst / "config.yaml", config)
+    return dst
 
 
 @pytest.fixture

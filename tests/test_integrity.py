@@ -1,7 +1,8 @@
 """Artifacts checked against their records: a changed engine, ONNX or reference is never shown as passed.
 
 The unit tests craft records and files; the workflow story runs one small workflow (yolo_demo on the CPU in
-fp32) and then damages it as a user or a failing disk would:
+fp32; it starts from a copy of the session's tiny run, so only the jobs that config changes run first) and
+then damages it as a user or a failing disk would:
 
 1. the engine truncated with its mtime put back (os.utime): Snakemake sees no change, the summary reruns
    (its params carry the check) and shows the row as stale, with the fix; the next run has nothing to do;
@@ -15,7 +16,6 @@ fp32) and then damages it as a user or a failing disk would:
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,7 @@ from kiln import integrity, paths, summary
 from kiln.config import load
 from kiln.errors import KilnError
 from kiln.util import read_json, sha256, write_json
-from tests.conftest import REPO, tiny_config, write_config
-from tests.test_workflow import snakemake
+from tests.conftest import copy_run, snakemake, tiny_config
 
 ENGINE = "results/engines/cpu/yolo_demo/fp32/model.engine"
 RECORD = "results/engines/cpu/yolo_demo/fp32/engine.json"
@@ -215,14 +214,10 @@ def _text(proc) -> str:
 
 
 @pytest.fixture(scope="module")
-def story(tmp_path_factory):
-    work = tmp_path_factory.mktemp("integrity")
-    (work / "models").mkdir()
-    for name in ("demo_yolo.pt", "demo_rtdetr.pt"):
-        if not (REPO / "models" / name).is_file():
-            pytest.skip(f"committed checkpoint models/{name} is missing")
-        shutil.copy(REPO / "models" / name, work / "models" / name)
-    write_config(work / "config.yaml", _config())
+def story(tiny_run, tmp_path_factory):
+    # The session's run has made every job of this config but the summary, page and serve ones: a private
+    # copy (files, mtimes and Snakemake's records), since everything below damages it.
+    work = copy_run(tiny_run, tmp_path_factory.mktemp("integrity") / "work", _config())
     seen: dict = {"first": snakemake(work)}
     seen["row_first"] = _row_of(work)
     seen["size"] = (work / ENGINE).stat().st_size

@@ -1,7 +1,8 @@
 """A run killed in the middle of a job, and two runs at once in one folder.
 
 One small workflow (yolo_demo on the CPU in fp32 and int8, and an int8 TensorRT-RTX build) is taken
-through, once for the whole module:
+through, once for the whole module, starting from the ONNX stages of the session's random-weight yolo run
+(tests/conftest.py random_yolo_run) up to the fp32 variant:
 
 1. a run is started; while its `quantize` job runs (the run's process group held with SIGSTOP), a
    second run in the same folder is started and must be refused by Snakemake's lock; then the first
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from kiln.util import read_json, sha256
-from tests.conftest import REPO, random_checkpoints, tiny_config, write_config
+from tests.conftest import REPO, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +44,7 @@ ROWS = {("yolo_demo", "cpu", "fp32"), ("yolo_demo", "cpu", "int8"), ("yolo_demo"
 
 
 def small_config() -> dict:
-    cfg = tiny_config("models/y.pt", "models/r.pt")
+    cfg = tiny_config()
     del cfg["models"]["rtdetr_demo"]
     cfg["devices"] = {
         "cpu": dict(cfg["devices"]["cpu"], precisions=["fp32", "int8"]),
@@ -106,10 +108,23 @@ def leftovers(results: Path) -> list[str]:
                   for p in results.rglob(pattern))
 
 
+def upstream_of(run: Path, work: Path) -> None:
+    """The ONNX stages of `run` (conftest random_yolo_run: the same random yolo weights, dataset and opset) up to
+    the fp32 variant and the reference, with Snakemake's records of them, copied into `work`: the runs below
+    start at the quantize job. Nothing downstream is copied, logs neither (the waits below read them)."""
+    onnx = "results/onnx/yolo_demo/opset17"
+    for folder in ("models", "results/data", "results/inputs", "results/reference", ".snakemake/metadata"):
+        shutil.copytree(run / folder, work / folder)
+    (work / onnx).mkdir(parents=True)
+    for name in ("export.onnx", "simplified.onnx", "simplify.json", "surgery.onnx", "surgery.json", "fp32.onnx",
+                 "fp32.json"):
+        shutil.copy2(run / onnx / name, work / onnx / name)
+
+
 @pytest.fixture(scope="module")
-def story(tmp_path_factory):
+def story(random_yolo_run, tmp_path_factory):
     work = tmp_path_factory.mktemp("interrupt")
-    random_checkpoints(work / "models/y.pt", work / "models/r.pt")
+    upstream_of(random_yolo_run, work)
     write_config(work / "config.yaml", small_config())
     seen: dict = {}
 

@@ -20,7 +20,7 @@ from kiln.errors import KilnError  # noqa: E402
 from kiln.report import data, plots  # noqa: E402
 from kiln.report.page import write_page  # noqa: E402
 from kiln.util import read_json, write_json  # noqa: E402
-from tests.conftest import REPO, random_checkpoints, tiny_config, write_config  # noqa: E402
+from tests.conftest import REPO, copy_run  # noqa: E402
 from tests.report_tree import (  # noqa: E402
     BUILD_FAIL,
     EXPECTED,
@@ -273,17 +273,11 @@ def _snakemake(work: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.integration
-def test_workflow_writes_the_page_and_snakemake_report(tmp_path):
-    """A small real run (random-weight yolo checkpoint): the page rule, then `snakemake --report`."""
-    random_checkpoints(tmp_path / "models/demo_yolo.pt")
-    cfg = tiny_config()
-    del cfg["models"]["rtdetr_demo"]
-    cfg["devices"]["cpu"].update(precisions=["fp32", "int8"], batch_sizes=[1, 2])
-    cfg["devices"]["rtx"]["precisions"] = ["fp16"]
-    write_config(tmp_path / "config.yaml", cfg)
-    proc = _snakemake(tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = tmp_path / "results"
+def test_workflow_writes_the_page_and_snakemake_report(random_yolo_run, tmp_path):
+    """A small real run (random-weight yolo checkpoint; conftest random_yolo_config): the page rule, then
+    `snakemake --report` on a copy of it."""
+    work = copy_run(random_yolo_run, tmp_path / "work")  # --report writes into it
+    results = work / "results"
     page = Page((results / "report/kiln.html").read_text())
     statuses = {k: r["status"] for k, r in page.rows.items()}
     assert set(statuses) == {("yolo_demo", "cpu", "fp32"), ("yolo_demo", "cpu", "int8"), ("yolo_demo", "rtx", "fp16"),
@@ -298,7 +292,7 @@ def test_workflow_writes_the_page_and_snakemake_report(tmp_path):
     assert len(page.images) == 5 + len(pictures)
     assert (results / "logs/page/page.log").is_file()
 
-    proc = _snakemake(tmp_path, "--report", str(results / "report/report.html"))
+    proc = _snakemake(work, "--report", str(results / "report/report.html"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = (results / "report/report.html").read_text()
     assert "Kiln turns PyTorch detection checkpoints" in report  # the landing page, report/workflow.rst
@@ -312,5 +306,5 @@ def test_workflow_writes_the_page_and_snakemake_report(tmp_path):
         [cpu + "latency.png", cpu + "throughput.png", cpu + "streams.png"] + [cpu + Path(p).stem + ".jpg" for p in pictures])
     assert "Pareto front" in report  # the figure captions, report/plot.rst, rendered per figure
 
-    proc = _snakemake(tmp_path, "-n")
+    proc = _snakemake(work, "-n")
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr

@@ -29,27 +29,11 @@ PRECISIONS = ("fp32", "int8")
 VAL = "results/data/demo/val"
 
 
-def config() -> dict:
-    cfg = tiny_config()
-    cfg["devices"] = {"cpu": dict(cfg["devices"]["cpu"], precisions=list(PRECISIONS))}
-    return cfg
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """The tiny workflow on the cpu device only, once for the module."""
-    work = tmp_path_factory.mktemp("kiln-runtime")
-    (work / "models").mkdir()
-    for name in ("demo_yolo.pt", "demo_rtdetr.pt"):
-        if not (REPO / "models" / name).is_file():
-            pytest.skip(f"committed checkpoint models/{name} is missing")
-        shutil.copy(REPO / "models" / name, work / "models" / name)
-    write_config(work / "config.yaml", config())
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(work / "config.yaml"), "--cores", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return work
+def run(tiny_run) -> Path:
+    """The session's tiny workflow run (tests/conftest.py tiny_run; its cpu device makes fp32, fp16 and int8
+    engines, the ones read here are fp32 and int8): read, never changed."""
+    return tiny_run
 
 
 def engine_dir(work: Path, model: str = "yolo_demo", precision: str = "int8") -> Path:
@@ -101,7 +85,7 @@ def test_build_records_what_the_runtime_needs(run):
 
 def test_runtime_section_follows_the_decode_config(run, tmp_path):
     """A changed threshold reruns the builds (their records carry it), not only the validations."""
-    cfg = config()
+    cfg = tiny_config()
     cfg["models"]["yolo_demo"]["decode"] = {"conf_threshold": 0.25}
     path = write_config(tmp_path / "edited.yaml", cfg)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(run),
@@ -206,20 +190,20 @@ def test_two_threads_get_their_own_runner_and_the_same_detections(run):
 # --------------------------------------------------------------------------- kiln predict
 
 
-def test_kiln_predict_on_the_validation_split_scores_as_validation(run):
+def test_kiln_predict_on_the_validation_split_scores_as_validation(run, tmp_path):
     """The command of the issue's "done means", on the tiny run's engine."""
-    shutil.rmtree(run / "predictions", ignore_errors=True)
+    out = tmp_path / "predictions"  # not in the shared run's folder
     cmd = [sys.executable, "-m", "kiln.cli", "predict", "results/engines/cpu/yolo_demo/int8",
-           "results/data/demo/val/images", "--out", "predictions"]
+           "results/data/demo/val/images", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=run, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     ids, files = val_images(run)
     for f in files:
-        assert (run / "predictions" / f.name).is_file()
-    records = read_json(run / "predictions/detections.json")
+        assert (out / f.name).is_file()
+    records = read_json(out / "detections.json")
     assert set(records[0]) == {"image_id", "category_id", "bbox", "score"}
     assert {r["image_id"] for r in records} <= set(ids) and {r["category_id"] for r in records} <= {1, 2, 3}
-    images = read_json(run / "predictions/images.json")
+    images = read_json(out / "images.json")
     assert sorted(im["id"] for im in images) == ids  # the split's own ids
     got = coco_map_of_records(run / VAL / "annotations.json", records)
     acc = read_json(run / "results/validation/cpu/yolo_demo/int8/validation.json")["accuracy"]

@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from kiln.util import read_json
-from tests.conftest import REPO, tiny_config, write_config
+from tests.conftest import REPO, snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """Run the tiny workflow once for the whole module."""
-    work = tmp_path_factory.mktemp("kiln")
-    (work / "models").mkdir()
-    for name in ("demo_yolo.pt", "demo_rtdetr.pt"):
-        if not (REPO / "models" / name).is_file():
-            pytest.skip(f"committed checkpoint models/{name} is missing")
-        (work / "models" / name).write_bytes((REPO / "models" / name).read_bytes())
-    write_config(work / "config.yaml", tiny_config())
-    proc = snakemake(work)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return work, proc
+def run(tiny_run):
+    """The session's tiny workflow run (tests/conftest.py tiny_run): read here, never changed."""
+    return tiny_run
 
 
 MODELS = ("yolo_demo", "rtdetr_demo")
@@ -40,7 +26,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def test_summary_has_a_row_per_model_device_precision(run):
-    work, _ = run
+    work = run
     summary = read_json(work / "results/report/summary.json")
     rows = {(r["model"], r["device"], r["precision"]): r for r in summary["rows"]}
     expected = {(m, dev, p) for m in MODELS for dev in ("cpu", "rtx") for p in PRECISIONS}
@@ -78,7 +64,7 @@ def test_summary_has_a_row_per_model_device_precision(run):
 def test_artifacts_are_real_variants(run):
     import onnx
 
-    work, _ = run
+    work = run
     base = work / "results/onnx/yolo_demo/opset17"
     int8 = onnx.load(str(base / "int8.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
@@ -98,7 +84,7 @@ def test_artifacts_are_real_variants(run):
 
 
 def test_rtx_engines_are_plain_plans_with_sidecars(run):
-    work, _ = run
+    work = run
     for m in MODELS:
         for p in PRECISIONS:
             folder = work / "results/engines/rtx" / m / p
@@ -116,7 +102,7 @@ def test_rtx_engines_are_plain_plans_with_sidecars(run):
 
 
 def test_second_run_has_nothing_to_do(run):
-    work, _ = run
+    work = run
     proc = snakemake(work, "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
@@ -129,11 +115,11 @@ def planned_jobs(work: Path, config: dict, *extra: str) -> set[tuple]:
     """(rule, wildcards...) of every job a dry run with `config` plans, `all` excluded."""
     import re
 
-    path = work / "edited.yaml"
-    write_config(path, config)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(path), "--cores", "2", "-n", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    with tempfile.TemporaryDirectory() as tmp:  # beside, not in, the shared run's folder
+        path = write_config(Path(tmp) / "edited.yaml", config)
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+               "--configfile", str(path), "--cores", "2", "-n", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs, rule = set(), None
     for line in proc.stdout.splitlines() + proc.stderr.splitlines():
@@ -166,7 +152,7 @@ def engines(device: str, model: str, precisions=PRECISIONS, validate: bool = Tru
 
 
 def test_editing_one_device_reruns_only_its_jobs(run):
-    work, _ = run
+    work = run
     cfg = tiny_config()
     cfg["devices"]["cpu"]["batch_sizes"] = [1, 2]  # latency sweep: validation and the PyTorch baseline only
     expected = {("validate", "cpu", m, p) for m in MODELS for p in PRECISIONS} | {("baseline", "cpu", m) for m in MODELS}
@@ -179,7 +165,7 @@ def test_editing_one_device_reruns_only_its_jobs(run):
 
 
 def test_editing_one_model_reruns_only_its_chain(run):
-    work, _ = run
+    work = run
     cfg = tiny_config()
     cfg["models"]["yolo_demo"]["dynamic_hw"] = True
     expected = onnx_chain("yolo_demo") | engines("cpu", "yolo_demo") | engines("rtx", "yolo_demo", validate=False)
@@ -188,7 +174,7 @@ def test_editing_one_model_reruns_only_its_chain(run):
 
 
 def test_adding_a_precision_adds_only_its_jobs(run):
-    work, _ = run
+    work = run
     cfg = tiny_config()
     cfg["devices"]["rtx"]["precisions"].append("bf16")
     expected = {("precision", m, "17", "bf16") for m in MODELS} | {j for m in MODELS for j in engines("rtx", m, ["bf16"], False)}
@@ -196,7 +182,7 @@ def test_adding_a_precision_adds_only_its_jobs(run):
 
 
 def test_adding_a_device_adds_only_its_jobs(run):
-    work, _ = run
+    work = run
     cfg = tiny_config()
     cfg["devices"]["cpu2"] = dict(cfg["devices"]["cpu"], precisions=["fp32"], threads=1)
     expected = {("build", "cpu2", m, "fp32") for m in MODELS} | {("validate", "cpu2", m, "fp32") for m in MODELS}
@@ -205,5 +191,5 @@ def test_adding_a_device_adds_only_its_jobs(run):
 
 
 def test_unchanged_config_plans_nothing(run):
-    work, _ = run
+    work = run
     assert planned_jobs(work, tiny_config()) == set()
