@@ -50,6 +50,32 @@ def not_faster(rows: list[dict]) -> dict[tuple[str, str, str], str]:
     return out
 
 
+def latency_given_up(rows: list[dict], limits: dict[str, float | None] | None = None) -> dict[tuple[str, str, str], dict]:
+    """(model, device, mixed precision) -> the latency its engine gave up against the strict one on that device.
+
+    `loss` = mixed p50 / strict p50 - 1 at batch 1, where both rows were measured there; `over` where it exceeds
+    the model's `sensitivity.max_latency_loss` (`limits`: model -> fraction or None), with the words to flag it."""
+    by = {(r["model"], r["device"], r["precision"]): r for r in rows}
+    out = {}
+    for r in rows:
+        strict = r["precision"].removesuffix("-mixed")
+        if strict == r["precision"] or (other := by.get((r["model"], r["device"], strict))) is None:
+            continue
+        mine, theirs = _latency(r), _latency(other)
+        if mine is None or not theirs or r.get("batch_size") != 1 or other.get("batch_size") != 1:
+            continue
+        loss = mine / theirs - 1.0
+        limit = (limits or {}).get(r["model"])
+        over = limit is not None and loss > limit
+        out[_key(r) + (r["precision"],)] = {
+            "loss": round(loss, 4), "limit": limit, "over": over,
+            "note": (f"{r['precision']} gives up {loss:.1%} latency against {strict} on {r['device']} ({mine:.2f} ms "
+                     f"against {theirs:.2f} ms median at batch 1)"
+                     + (f", over models.{r['model']}.sensitivity.max_latency_loss {limit}" if over else "")),
+        }
+    return out
+
+
 def pareto(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """Per model x device: the rows no other row beats on both latency (lower) and mAP50-95 (higher)."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -65,10 +91,12 @@ def pareto(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return front
 
 
-def deploy(rows: list[dict]) -> list[dict]:
+def deploy(rows: list[dict], limits: dict[str, float | None] | None = None) -> list[dict]:
     """Per model x device: the fastest engine that passes every gate, the Pareto front of latency
-    against mAP50-95, and where a lower precision is not faster than the higher one."""
+    against mAP50-95, where a lower precision is not faster than the higher one, and the latency each
+    mixed variant gave up against its strict one (`limits`: as :func:`latency_given_up`)."""
     slow = not_faster(rows)
+    given_up = latency_given_up(rows, limits)
     front = pareto(rows)
     out = []
     for key in dict.fromkeys(_key(r) for r in rows):
@@ -84,6 +112,7 @@ def deploy(rows: list[dict]) -> list[dict]:
             "pareto": [{"precision": r["precision"], "latency_median_ms": _latency(r), "map50_95": r["map50_95"],
                         "status": r["status"]} for r in front.get(key, [])],
             "not_faster": [v for (m, d, _p), v in slow.items() if (m, d) == key],
+            "latency_given_up": [{"precision": p, **v} for (m, d, p), v in given_up.items() if (m, d) == key],
         })
     return out
 
