@@ -129,17 +129,30 @@ def sensitivity_hint(row: dict, precisions: tuple[str, ...]) -> str | None:
             f"devices.{row['device']}.precisions{tail}")
 
 
-def tf32_hint(row: dict, engine_record: dict | None) -> str | None:
-    """For a failing fp32/fp16/bf16 engine built with TF32 on (engine.json options.tf32): turn it off.
+TF32_PRECISIONS = ("fp32", "fp16", "bf16")  # the precisions whose fp32 layers TF32 rounds
+
+
+def tf32_build(precision: str, device: str, engine_record: dict | None) -> dict | None:
+    """For an fp32/fp16/bf16 engine record: whether the build had TF32 on (engine.json options.tf32), and where
+    it did, the suggestion to turn it off should the engine fail parity. None for other precisions or records
+    without the option (ONNX Runtime). The diagnose stage records it; the summary's hint quotes it for failing rows.
 
     TF32 rounds fp32 matmul and convolution inputs to 10 mantissa bits; DETR-family models lose parity to it
     (Peterande/D-FINE #44)."""
-    if row.get("status") != "failed" or row["precision"] not in ("fp32", "fp16", "bf16"):
+    tf32 = ((engine_record or {}).get("options") or {}).get("tf32")
+    if precision not in TF32_PRECISIONS or tf32 is None:
         return None
-    if not ((engine_record or {}).get("options") or {}).get("tf32"):
+    return {"tf32": bool(tf32), "suggestion": (
+        f"kiln: this engine was built with TF32 on (engine.json options.tf32: true), which rounds fp32 layers' "
+        f"inputs to 10 mantissa bits: set devices.{device}.tf32: false and rebuild") if tf32 else None}
+
+
+def tf32_hint(row: dict, engine_record: dict | None) -> str | None:
+    """For a failing fp32/fp16/bf16 engine built with TF32 on: turn it off (:func:`tf32_build`)."""
+    if row.get("status") != "failed":
         return None
-    return (f"kiln: this engine was built with TF32 on (engine.json options.tf32: true), which rounds fp32 layers' "
-            f"inputs to 10 mantissa bits: set devices.{row['device']}.tf32: false and rebuild")
+    return (tf32_build(row["precision"], row["device"], engine_record) or {}).get("suggestion")
+
 
 def describe_check(check: dict | None) -> str | None:
     """A validation's weakest parity check (kiln.validate.parity.weakest) as the summary and the page show it:
