@@ -285,18 +285,20 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
 
 
 def _variants(backend, device: DeviceProfile, strict: DeviceProfile) -> dict[str, str]:
-    """Engine precision -> the variant ONNX it is built from; a mixed one only from its own Q/DQ variant."""
+    """Engine precision -> the variant ONNX it is built from. A mixed one from its own Q/DQ variant, or where
+    the backend builds its strict precision from another source (TensorRT < 10's int8 calibrator), from that
+    source with per-layer precision constraints from the mixed variant's kept nodes (Backend.constrains_layers)."""
     variants = {}
     for p in device.precisions:
         base = base_precision(p)
         source = backend.source_precision(base, strict)
-        if p in MIXED_PRECISIONS and source != base:
+        if p in MIXED_PRECISIONS and source != base and not backend.constrains_layers(strict):
             raise KilnError(
                 f"config: 'devices.{device.name}.precisions' lists {p}, but this device builds {base} from the "
                 f"{source} ONNX (not its Q/DQ variant), so a mixed variant cannot reach it: remove {p} "
                 f"or build {base} from Q/DQ (int8_mode: qdq)"
             )
-        variants[p] = p if p in MIXED_PRECISIONS else source
+        variants[p] = p if p in MIXED_PRECISIONS and source == base else source
     return variants
 
 

@@ -127,8 +127,10 @@ def _row(
         row["onnx_bytes"] = onnx.stat().st_size
     elif variant.is_file():  # the variant itself stays in storage; its record has the size
         row["onnx_bytes"] = read_json(variant).get("size_bytes")
-    if variant.is_file() and precision != base_precision(precision):  # a mixed variant: what it keeps, and why
-        fb = read_json(variant).get("fallback") or {}
+    # A mixed variant: what it keeps, and why (its own record, also where the engine is built from the strict source).
+    mixed = Path(local(paths.fmt(paths.VARIANT_RECORD, results=R, model=model, opset=d.opset, precision=precision)))
+    if mixed.is_file() and precision != base_precision(precision):
+        fb = read_json(mixed).get("fallback") or {}
         row["kept"] = (f"{len(fb.get('kept', []))} kept in higher precision: "
                        + (", ".join(k["node"] for k in fb.get("kept", [])) or "none") + f" ({fb.get('why')})")
     if no_build:

@@ -103,7 +103,34 @@ def test_mixed_precision_names(config_dict):
     assert "results/sensitivity/yolo_demo/opset17/int8.md" in sensitivity.targets(cfg)
 
 
-def test_mixed_variant_on_a_device_that_builds_int8_from_fp32_is_refused(config_dict):
+def test_mixed_variant_on_a_device_that_builds_int8_from_fp32_is_built_from_fp32_with_layer_constraints(
+        config_dict, tmp_path):
+    """TensorRT 8.5, int8 by calibrator (weakly typed): int8-mixed is built from the fp32 ONNX, calibrated like
+    int8, and its kept nodes (the int8-mixed variant's record, which is still made) go to the build."""
+    from kiln import build, workflow
+    from kiln.util import write_json
+
+    config_dict["devices"] = {"orin": {"backend": "tensorrt", "compute_capability": "8.7",
+                                       "tensorrt": {"min": "8.5", "max": "8.5"}, "opset": 16, "jetson": True,
+                                       "precisions": ["int8", "int8-mixed"], "int8_mode": "calibrator",
+                                       "batch_sizes": [1]}}
+    cfg = load(config_dict, check_paths=False)
+    d = cfg.devices["orin"]
+    assert d.variant_of("int8-mixed") == "fp32" and d.variant_of("int8") == "fp32"
+    assert cfg.precisions("yolo_demo", 16) == ["fp32", "int8-mixed"]  # the mixed variant: its kept list
+    record = "results/onnx/yolo_demo/opset16/int8-mixed.json"
+    assert workflow.kept_records(cfg, "orin", "yolo_demo", "int8-mixed") == [record]
+    assert workflow.kept_records(cfg, "orin", "yolo_demo", "int8") == []
+    assert record in workflow.summary_records(cfg, {"orin": None}, {"orin": None})
+    write_json(tmp_path / "int8-mixed.json", {"fallback": {"strict": "int8", "kept": [
+        {"node": "/head/cls.0.2/Conv"}, {"node": "/head/cls.1.2/Conv"}]}})
+    assert build.kept_nodes(tmp_path / "int8-mixed.json") == {"/head/cls.0.2/Conv": "fp16", "/head/cls.1.2/Conv": "fp16"}
+
+
+def test_mixed_variant_on_a_backend_that_cannot_constrain_layers_is_refused(config_dict, monkeypatch):
+    from kiln.backends import tensorrt
+
+    monkeypatch.setattr(tensorrt.TensorRT, "constrains_layers", lambda self, device: False)
     config_dict["devices"] = {"orin": {"backend": "tensorrt", "compute_capability": "8.7",
                                        "tensorrt": {"min": "8.5", "max": "8.5"}, "opset": 16, "jetson": True,
                                        "precisions": ["int8", "int8-mixed"], "int8_mode": "calibrator",

@@ -685,3 +685,19 @@ def test_kept_nodes_become_per_layer_precision_constraints_on_a_weakly_typed_net
     assert config.flags == {BuilderFlag.OBEY_PRECISION_CONSTRAINTS, BuilderFlag.FP16}
     config = Config()
     assert constrain_layers(ns, network, config, {"/nowhere": "fp16"})["constrained"] == [] and config.flags == set()
+
+
+def test_the_tensorrt_build_hands_kept_nodes_to_the_builder_only_for_weakly_typed_builds(monkeypatch, tmp_path):
+    """kiln.backends.tensorrt.build with kept_nodes: a network hook that applies constrain_layers on TensorRT < 11,
+    none on 11 (strongly typed). TensorRT is not installable here: its module and the builder are fakes."""
+    seen = {}
+    monkeypatch.setattr(tensorrt, "import_trt", lambda flavor: SimpleNamespace(__version__=seen["version"]))
+    monkeypatch.setattr(tensorrt.builder, "build_plan", lambda *a, **k: seen.update(hook=k["network_hook"]))
+    monkeypatch.setattr(tensorrt, "constrain_layers", lambda ns, network, config, kept: {"kept": kept})
+    for version, minimum, weak in (("8.5.2", "8.5", True), ("11.0.0", "11.0", False)):
+        seen["version"] = version
+        device = device_of({"backend": "tensorrt", "compute_capability": "8.7", "tensorrt": {"min": minimum},
+                            "precisions": ["int8"], "int8_mode": "calibrator" if weak else "qdq",
+                            "batch_sizes": [1]})
+        tensorrt.build(tmp_path / "m.onnx", tmp_path / "e", device, "fp16", kept_nodes={"/a/Conv": "fp16"})
+        assert (seen["hook"](None, None, None) == {"kept": {"/a/Conv": "fp16"}}) if weak else seen["hook"] is None

@@ -259,6 +259,8 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
     * ``timing_cache``: timing-cache file to load (when present) and update; or
     * ``cache_dir``: folder where ``timing-<key>.cache`` is kept, the key from
       :func:`kiln.backends.trt.host.timing_cache_key` (GPU, CUDA and TensorRT versions).
+    * ``kept_nodes``: ONNX node -> precision ("fp16"), a mixed variant's kept nodes (kiln.precision.fallback)
+      when its engine is built from the strict source: per-layer constraints (:func:`constrain_layers`).
     * ``validation_batch_size``: the validation batch size, so the default profile covers it.
     * ``layers_json``: where layers.json goes (default beside the engine).
     """
@@ -280,6 +282,9 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
         strongly_typed=s["strongly_typed"],
         precision_flags=s["precision_flags"],
         calibrator_factory=_calibrator_factory(engine_path, extra) if s["calibrate"] else None,
+        # A mixed variant built from the strict source (weak typing): its kept nodes held to their precision.
+        network_hook=((lambda ns, network, config: constrain_layers(ns, network, config, kept))
+                      if (kept := extra.get("kept_nodes")) and not s["strongly_typed"] else None),
         timing_cache=Path(timing) if timing else None,
         validation_batch_size=extra.get("validation_batch_size"),
         model_spec=extra.get("model_spec"),
@@ -325,6 +330,9 @@ class TensorRT(TrtBackend):
 
     def needs_calibration(self, device, precision: str) -> bool:
         return needs_calibration(precision, device)
+
+    def constrains_layers(self, device) -> bool:
+        return not self.strongly_typed(device)  # TensorRT < 11: per-layer precision constraints (constrain_layers)
 
     def strongly_typed(self, device) -> bool:
         v = _device_version(device)

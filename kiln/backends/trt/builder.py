@@ -47,7 +47,7 @@ def make_config(
     profiles: Sequence[dict[str, dict[str, list[int]]]],
     *,
     precision_flags: dict[str, bool] | None = None,
-    network_hook: Callable[[Any, Any], dict] | None = None,
+    network_hook: Callable[[SimpleNamespace, Any, Any], dict] | None = None,
     calibrator: Any = None,
     timing_cache: Path | None = None,
     compute_capabilities: Sequence[tuple[int, int]] | None = None,
@@ -55,7 +55,7 @@ def make_config(
 ) -> Any:
     """A Polygraphy config loader with the device's builder options.
 
-    ``precision_flags`` (fp16/bf16/int8/fp8 -> True), ``calibrator`` and ``network_hook(network, config)``
+    ``precision_flags`` (fp16/bf16/int8/fp8 -> True), ``calibrator`` and ``network_hook(ns, network, config)``
     (per-layer precision constraints, kiln.backends.tensorrt.constrain_layers: a mixed variant built from the
     strict source; what it returns is recorded as ``precision_constraints``) are TensorRT < 11 weak typing; ``compute_capabilities`` are TensorRT-RTX's ahead-of-time targets. ``record``
     receives the builder flags actually set on the config (read back from it).
@@ -108,7 +108,7 @@ def make_config(
         if device.dla_core is not None:
             config.DLA_core = int(device.dla_core)  # Polygraphy's use_dla always picks core 0
         if network_hook is not None:
-            constraints = network_hook(network, config)
+            constraints = network_hook(ns, network, config)
             if record is not None:
                 record["precision_constraints"] = constraints
         if record is not None:
@@ -156,7 +156,7 @@ def build_plan(
     source_precision: str,
     strongly_typed: bool,
     precision_flags: dict[str, bool] | None = None,
-    network_hook: Callable[[Any, Any], dict] | None = None,
+    network_hook: Callable[[SimpleNamespace, Any, Any], dict] | None = None,
     calibrator_factory: Callable[[SimpleNamespace, list], tuple[Any, Path | None]] | None = None,
     compute_capabilities: Sequence[tuple[int, int]] | None = None,
     timing_cache: Path | None = None,
