@@ -174,6 +174,7 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
 
         check_model(name, m, base, check_paths, packages, folders)
         sens = m["sensitivity"]
+        _check_sensitivity_runs(name, sens.get("precisions", []))
         if sens.get("images", 0) > datasets[m["dataset"]].calib_count:
             raise KilnError(
                 f"config: 'models.{name}.sensitivity.images' is {sens['images']} but dataset "
@@ -300,6 +301,21 @@ def _variants(backend, device: DeviceProfile, strict: DeviceProfile) -> dict[str
             )
         variants[p] = p if p in MIXED_PRECISIONS and source == base else source
     return variants
+
+
+def _check_sensitivity_runs(model: str, precisions: list[str]) -> None:
+    """Sensitivity ranks regions with ONNX Runtime CPU (kiln.judge): refuse a precision it cannot run, with the
+    reason its capability probe found (kiln.backends.ort_capabilities; bf16 Conv is NOT_IMPLEMENTED there)."""
+    if not precisions:
+        return
+    from kiln.backends.ort_capabilities import capabilities
+
+    for p in precisions:
+        cap = capabilities("CPUExecutionProvider")[p]
+        if not cap.runs:
+            raise KilnError(f"config: 'models.{model}.sensitivity.precisions' lists {p}, but ONNX Runtime's CPU "
+                            f"provider, on which rule sensitivity judges variants, cannot run {p} here "
+                            f"({' '.join(cap.note.split())}): remove {p} from the list")
 
 
 def _check_calibration(models: dict, datasets: dict, devices: dict) -> None:

@@ -288,3 +288,16 @@ def test_a_latency_limit_that_is_not_a_positive_fraction_is_refused(config_dict)
     with pytest.raises(KilnError, match=r"'models.yolo_demo.sensitivity.max_latency_loss': 0 is less than or equal "
                                         r"to the minimum of 0"):
         load(config_dict, check_paths=False)
+
+
+def test_bf16_sensitivity_is_refused_where_onnx_runtime_cpu_cannot_run_bf16(config_dict):
+    from kiln.backends.ort_capabilities import capabilities
+
+    if capabilities("CPUExecutionProvider")["bf16"].runs:
+        pytest.skip("this ONNX Runtime runs bf16 on CPU: nothing to refuse")
+    config_dict["models"]["yolo_demo"]["sensitivity"] = {"precisions": ["bf16"]}
+    with pytest.raises(KilnError, match=r"^config: 'models.yolo_demo.sensitivity.precisions' lists bf16, but ONNX "
+                                        r"Runtime's CPU provider, on which rule sensitivity judges variants, cannot "
+                                        r"run bf16 here \(probed on onnxruntime .*NOT_IMPLEMENTED.*\): remove bf16 "
+                                        r"from the list$"):
+        load(config_dict, check_paths=False)
