@@ -16,7 +16,7 @@ from pathlib import Path
 from kiln import backends, coco, integrity, paths
 from kiln.errors import KilnError
 from kiln.specs import DeviceProfile, KilnConfig, ModelSpec, base_precision
-from kiln.util import atomic_path, sha256, write_json
+from kiln.util import atomic_path, read_json, sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,15 @@ def build_engine(
     calib_npz: Path | None = None,
     engine_path: Path | None = None,
     annotations: Path | None = None,
+    kept_record: Path | None = None,
 ) -> dict:
     """Build and write the engine and its record; a model the backend rejects is recorded as failed.
 
     `engine_path` is where the rule wants the engine (a local copy under a storage provider); the
     record names the engine by its artifact path either way. `annotations` (the model's validation
-    split) gives the class names the record carries.
+    split) gives the class names the record carries. `kept_record`: a mixed variant's record (rule fallback)
+    where its engine is built from the strict source: its kept nodes go to the backend as ``kept_nodes``,
+    held to the precision they were kept in, layer by layer (Backend.constrains_layers).
     """
     d = cfg.devices[device]
     backend = backends.get(d.backend)
@@ -101,6 +104,7 @@ def build_engine(
                 calib_npz=calib_npz,
                 cache_dir=engine.parent.parent.parent,  # results/engines/{device}/: shared by its builds
                 layers_json=engine.parent / "layers.json",
+                **({"kept_nodes": kept_nodes(kept_record)} if kept_record else {}),
             )
     except KilnError as err:
         # The backend refused this model (unsupported op, ...): a result to report, not a crash.
@@ -116,13 +120,21 @@ def build_engine(
     return info
 
 
+def kept_nodes(record: Path) -> dict[str, str]:
+    """A mixed variant's kept nodes -> the precision they were kept in (fp16 for int8/fp8, fp32 for fp16)."""
+    fb = read_json(record).get("fallback") or {}
+    higher = "fp16" if fb.get("strict") in ("int8", "fp8") else "fp32"
+    return {k["node"]: higher for k in fb.get("kept", [])}
+
+
 def run_rule(cfg, job) -> None:
     """Rule `build`: one engine on its device's backend. A failed build leaves an empty engine file (a
     declared output, so it goes to storage with its record, which says why)."""
     w = job.wildcards
     calib = job.input.calib[0] if job.input.calib else None
     info = build_engine(cfg, w.device, w.model, w.precision, job.input.onnx, job.output[0], job.threads,
-                        calib_npz=calib, engine_path=job.output.engine, annotations=job.input.annotations)
+                        calib_npz=calib, engine_path=job.output.engine, annotations=job.input.annotations,
+                        kept_record=job.input.kept[0] if job.input.kept else None)
     if info["status"] != "built":
         with atomic_path(job.output.engine):
             pass

@@ -2,7 +2,8 @@
 
 Rows are matched on model x device x precision. A row regresses when its status becomes "failed", its
 mAP50-95 drops by more than an absolute tolerance, its p50 latency grows or its throughput falls by more
-than a relative one (both measured at the same batch size). Rows only one run has are listed, not flagged.
+than a relative one (both measured at the same batch size). Rows only one run has are listed, not flagged; a
+mixed variant (int8-mixed) that keeps other nodes than before is noted.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def _both(old: dict, new: dict, key: str) -> bool:
     return old.get(key) is not None and new.get(key) is not None
 
 
+def _kept(row: dict) -> str | None:
+    """A mixed row's kept nodes, without the why (summary column `kept`: "2 kept in higher precision: a, b (why)")."""
+    kept = row.get("kept")
+    return kept.split(" (", 1)[0] if kept else None
+
+
 def compare_rows(old: dict, new: dict, tol: Tolerances) -> tuple[list[str], list[str]]:
     """(regressions, notes) of one row present in both runs."""
     reg, notes = [], []
@@ -71,6 +78,9 @@ def compare_rows(old: dict, new: dict, tol: Tolerances) -> tuple[list[str], list
         drop = old["map50_95"] - new["map50_95"]
         if drop > tol.map_drop:
             reg.append(f"mAP50-95 dropped {drop:.4f} (> {tol.map_drop})")
+    kept_old, kept_new = _kept(old), _kept(new)
+    if kept_old != kept_new and (kept_old or kept_new):  # a mixed variant (int8-mixed) that keeps other nodes now
+        notes.append(f"kept nodes changed: {kept_old or '-'} -> {kept_new or '-'}")
     timed = _both(old, new, "latency_median_ms") or _both(old, new, "throughput_ips")
     if timed and old.get("batch_size") != new.get("batch_size"):
         notes.append(f"batch size {old.get('batch_size')} -> {new.get('batch_size')}: latency not compared")

@@ -175,6 +175,7 @@ def load(raw: dict, base: str | Path = ".", check_paths: bool = True) -> KilnCon
 
         check_model(name, m, base, check_paths, packages, folders)
         sens = m["sensitivity"]
+        _check_sensitivity_runs(name, sens.get("precisions", []))
         if sens.get("images", 0) > datasets[m["dataset"]].calib_count:
             raise KilnError(
                 f"config: 'models.{name}.sensitivity.images' is {sens['images']} but dataset "
@@ -314,19 +315,36 @@ def _check_streams(raw: dict) -> None:
 
 
 def _variants(backend, device: DeviceProfile, strict: DeviceProfile) -> dict[str, str]:
-    """Engine precision -> the variant ONNX it is built from; a mixed one only from its own Q/DQ variant."""
+    """Engine precision -> the variant ONNX it is built from. A mixed one from its own Q/DQ variant, or where
+    the backend builds its strict precision from another source (TensorRT < 10's int8 calibrator), from that
+    source with per-layer precision constraints from the mixed variant's kept nodes (Backend.constrains_layers)."""
     variants = {}
     for p in device.precisions:
         base = base_precision(p)
         source = backend.source_precision(base, strict)
-        if p in MIXED_PRECISIONS and source != base:
+        if p in MIXED_PRECISIONS and source != base and not backend.constrains_layers(strict):
             raise KilnError(
                 f"config: 'devices.{device.name}.precisions' lists {p}, but this device builds {base} from the "
                 f"{source} ONNX (not its Q/DQ variant), so a mixed variant cannot reach it: remove {p} "
                 f"or build {base} from Q/DQ (int8_mode: qdq)"
             )
-        variants[p] = p if p in MIXED_PRECISIONS else source
+        variants[p] = p if p in MIXED_PRECISIONS and source == base else source
     return variants
+
+
+def _check_sensitivity_runs(model: str, precisions: list[str]) -> None:
+    """Sensitivity ranks regions with ONNX Runtime CPU (kiln.judge): refuse a precision it cannot run, with the
+    reason its capability probe found (kiln.backends.ort_capabilities; bf16 Conv is NOT_IMPLEMENTED there)."""
+    if not precisions:
+        return
+    from kiln.backends.ort_capabilities import capabilities
+
+    for p in precisions:
+        cap = capabilities("CPUExecutionProvider")[p]
+        if not cap.runs:
+            raise KilnError(f"config: 'models.{model}.sensitivity.precisions' lists {p}, but ONNX Runtime's CPU "
+                            f"provider, on which rule sensitivity judges variants, cannot run {p} here "
+                            f"({' '.join(cap.note.split())}): remove {p} from the list")
 
 
 def _check_calibration(models: dict, datasets: dict, devices: dict) -> None:

@@ -2,7 +2,9 @@
 
 The backends whose failures can be diagnosed say so (``Backend.diagnoses``); the TensorRT ones reduce
 the model with Polygraphy (kiln/backends/trt/diagnose.py). A build that succeeded gives
-``{"status": "not needed"}`` at once. The summary's ``diagnosis`` column reads the records; a reason
+``{"status": "not needed"}`` at once. Every fp32/fp16/bf16 record also says whether the build had TF32 on
+(``tf32``) and, where it did, the ``suggestion`` to turn it off should the engine fail parity
+(kiln.findings.tf32_build, which the summary's hint quotes). The summary's ``diagnosis`` column reads the records; a reason
 in them is one line.
 """
 
@@ -12,7 +14,7 @@ import logging
 import subprocess
 from pathlib import Path
 
-from kiln import backends, integrity, paths
+from kiln import backends, findings, integrity, paths
 from kiln.errors import KilnError
 from kiln.specs import base_precision
 from kiln.util import read_json, write_json
@@ -46,17 +48,23 @@ def diagnose_build(cfg, device: str, model: str, precision: str, engine_record: 
     """
     rec = read_json(engine_record)
     integrity.check(integrity.onnx_problem(rec, engine_record, onnx_path))
+    # An fp32/fp16/bf16 engine that fails parity later: whether its build had TF32 on, and the fix (kiln.findings).
+    tf32 = findings.tf32_build(base_precision(precision), device, rec) or {}
     if rec.get("status") == "built":
-        result = {"device": device, "model": model, "precision": precision, "status": "not needed"}
+        result = {"device": device, "model": model, "precision": precision, "status": "not needed", **tf32}
         write_json(out, result)
         return result
     d = cfg.devices[device]
     try:
-        return backends.get(d.backend).diagnose(onnx_path, d, base_precision(precision), out, spec=cfg.models[model])
+        result = backends.get(d.backend).diagnose(onnx_path, d, base_precision(precision), out, spec=cfg.models[model])
+        if tf32:
+            result.update(tf32)
+            write_json(out, result)
+        return result
     except (KilnError, subprocess.TimeoutExpired) as err:  # the summary keeps the build's own reason then
         reason = " ".join(str(err).split())  # one line: the summary's CSV and Markdown rows repeat it
         result = {"device": device, "model": model, "precision": precision, "status": "failed",
-                  "reason": reason, "build_reason": rec.get("reason")}
+                  "reason": reason, "build_reason": rec.get("reason"), **tf32}
         write_json(out, result)
         log.warning("diagnose %s/%s/%s could not reduce the model: %s", device, model, precision, reason)
         return result

@@ -50,6 +50,32 @@ def not_faster(rows: list[dict]) -> dict[tuple[str, str, str], str]:
     return out
 
 
+def latency_given_up(rows: list[dict], limits: dict[str, float | None] | None = None) -> dict[tuple[str, str, str], dict]:
+    """(model, device, mixed precision) -> the latency its engine gave up against the strict one on that device.
+
+    `loss` = mixed p50 / strict p50 - 1 at batch 1, where both rows were measured there; `over` where it exceeds
+    the model's `sensitivity.max_latency_loss` (`limits`: model -> fraction or None), with the words to flag it."""
+    by = {(r["model"], r["device"], r["precision"]): r for r in rows}
+    out = {}
+    for r in rows:
+        strict = r["precision"].removesuffix("-mixed")
+        if strict == r["precision"] or (other := by.get((r["model"], r["device"], strict))) is None:
+            continue
+        mine, theirs = _latency(r), _latency(other)
+        if mine is None or not theirs or r.get("batch_size") != 1 or other.get("batch_size") != 1:
+            continue
+        loss = mine / theirs - 1.0
+        limit = (limits or {}).get(r["model"])
+        over = limit is not None and loss > limit
+        out[_key(r) + (r["precision"],)] = {
+            "loss": round(loss, 4), "limit": limit, "over": over,
+            "note": (f"{r['precision']} gives up {loss:.1%} latency against {strict} on {r['device']} ({mine:.2f} ms "
+                     f"against {theirs:.2f} ms median at batch 1)"
+                     + (f", over models.{r['model']}.sensitivity.max_latency_loss {limit}" if over else "")),
+        }
+    return out
+
+
 def pareto(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """Per model x device: the rows no other row beats on both latency (lower) and mAP50-95 (higher)."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -65,10 +91,12 @@ def pareto(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return front
 
 
-def deploy(rows: list[dict]) -> list[dict]:
+def deploy(rows: list[dict], limits: dict[str, float | None] | None = None) -> list[dict]:
     """Per model x device: the fastest engine that passes every gate, the Pareto front of latency
-    against mAP50-95, and where a lower precision is not faster than the higher one."""
+    against mAP50-95, where a lower precision is not faster than the higher one, and the latency each
+    mixed variant gave up against its strict one (`limits`: as :func:`latency_given_up`)."""
     slow = not_faster(rows)
+    given_up = latency_given_up(rows, limits)
     front = pareto(rows)
     out = []
     for key in dict.fromkeys(_key(r) for r in rows):
@@ -84,6 +112,7 @@ def deploy(rows: list[dict]) -> list[dict]:
             "pareto": [{"precision": r["precision"], "latency_median_ms": _latency(r), "map50_95": r["map50_95"],
                         "status": r["status"]} for r in front.get(key, [])],
             "not_faster": [v for (m, d, _p), v in slow.items() if (m, d) == key],
+            "latency_given_up": [{"precision": p, **v} for (m, d, p), v in given_up.items() if (m, d) == key],
         })
     return out
 
@@ -100,17 +129,30 @@ def sensitivity_hint(row: dict, precisions: tuple[str, ...]) -> str | None:
             f"devices.{row['device']}.precisions{tail}")
 
 
-def tf32_hint(row: dict, engine_record: dict | None) -> str | None:
-    """For a failing fp32/fp16/bf16 engine built with TF32 on (engine.json options.tf32): turn it off.
+TF32_PRECISIONS = ("fp32", "fp16", "bf16")  # the precisions whose fp32 layers TF32 rounds
+
+
+def tf32_build(precision: str, device: str, engine_record: dict | None) -> dict | None:
+    """For an fp32/fp16/bf16 engine record: whether the build had TF32 on (engine.json options.tf32), and where
+    it did, the suggestion to turn it off should the engine fail parity. None for other precisions or records
+    without the option (ONNX Runtime). The diagnose stage records it; the summary's hint quotes it for failing rows.
 
     TF32 rounds fp32 matmul and convolution inputs to 10 mantissa bits; DETR-family models lose parity to it
     (Peterande/D-FINE #44)."""
-    if row.get("status") != "failed" or row["precision"] not in ("fp32", "fp16", "bf16"):
+    tf32 = ((engine_record or {}).get("options") or {}).get("tf32")
+    if precision not in TF32_PRECISIONS or tf32 is None:
         return None
-    if not ((engine_record or {}).get("options") or {}).get("tf32"):
+    return {"tf32": bool(tf32), "suggestion": (
+        f"kiln: this engine was built with TF32 on (engine.json options.tf32: true), which rounds fp32 layers' "
+        f"inputs to 10 mantissa bits: set devices.{device}.tf32: false and rebuild") if tf32 else None}
+
+
+def tf32_hint(row: dict, engine_record: dict | None) -> str | None:
+    """For a failing fp32/fp16/bf16 engine built with TF32 on: turn it off (:func:`tf32_build`)."""
+    if row.get("status") != "failed":
         return None
-    return (f"kiln: this engine was built with TF32 on (engine.json options.tf32: true), which rounds fp32 layers' "
-            f"inputs to 10 mantissa bits: set devices.{row['device']}.tf32: false and rebuild")
+    return (tf32_build(row["precision"], row["device"], engine_record) or {}).get("suggestion")
+
 
 def describe_check(check: dict | None) -> str | None:
     """A validation's weakest parity check (kiln.validate.parity.weakest) as the summary and the page show it:

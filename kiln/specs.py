@@ -142,8 +142,10 @@ class KilnConfig:
 
     def precisions(self, model: str, opset: int) -> list[str]:
         """Precision-variant ONNX files needed of this model at this opset, over every device."""
-        wanted = {d.variant_of(p) for d in self.devices.values() if model in d.models and d.opset == opset
-                  for p in d.precisions}
+        # A mixed variant is made even where its engine is built from the strict source: its record holds the
+        # kept nodes the build constrains (kiln.backends.tensorrt.constrain_layers).
+        wanted = {v for d in self.devices.values() if model in d.models and d.opset == opset
+                  for p in d.precisions for v in (d.variant_of(p), *((p,) if p in MIXED_PRECISIONS else ()))}
         return [p for p in PRECISIONS if p in wanted]
 
     def jobs(self) -> list[tuple[str, str, str]]:

@@ -22,7 +22,7 @@ COLUMNS = [
     "batch_size", "latency_mean_ms", "latency_median_ms", "latency_p99_ms", "latency_cv_percent", "throughput_ips",
     "gpu_compute_median_ms", "pipeline_median_ms", "pytorch_latency_median_ms", "speedup_vs_pytorch",
     "best_streams", "streams_images_per_s", "streams_p99_ms", "images_per_s_by_streams",
-    "diagnosis", "flags", "hint", "kept",
+    "diagnosis", "flags", "hint", "kept", "latency_given_up",
 ]
 
 
@@ -128,8 +128,10 @@ def _row(
         row["onnx_bytes"] = onnx.stat().st_size
     elif variant.is_file():  # the variant itself stays in storage; its record has the size
         row["onnx_bytes"] = read_json(variant).get("size_bytes")
-    if variant.is_file() and precision != base_precision(precision):  # a mixed variant: what it keeps, and why
-        fb = read_json(variant).get("fallback") or {}
+    # A mixed variant: what it keeps, and why (its own record, also where the engine is built from the strict source).
+    mixed = Path(local(paths.fmt(paths.VARIANT_RECORD, results=R, model=model, opset=d.opset, precision=precision)))
+    if mixed.is_file() and precision != base_precision(precision):
+        fb = read_json(mixed).get("fallback") or {}
         row["kept"] = (f"{len(fb.get('kept', []))} kept in higher precision: "
                        + (", ".join(k["node"] for k in fb.get("kept", [])) or "none") + f" ({fb.get('why')})")
     if no_build:
@@ -216,12 +218,23 @@ def rows(cfg: KilnConfig, cannot_build: dict[str, str], cannot_run: dict[str, st
     """One row per job; the dicts map devices this host cannot build or run to the reason."""
     table = [_row(cfg, dev, m, p, cannot_build.get(dev), cannot_run.get(dev), local) for dev, m, p in cfg.jobs()]
     slow = findings.not_faster(table)
+    given_up = findings.latency_given_up(table, latency_limits(cfg))
     for r in table:
-        note = slow.get((r["model"], r["device"], r["precision"]))
+        key = (r["model"], r["device"], r["precision"])
+        note = slow.get(key)
         if note:
             r["flags"] = "; ".join(f for f in (r["flags"], note) if f)
+        if key in given_up:  # a mixed row: the latency it gave up against its strict row on this device
+            r["latency_given_up"] = given_up[key]["loss"]
+            if given_up[key]["over"]:
+                r["flags"] = "; ".join(f for f in (r["flags"], given_up[key]["note"]) if f)
         r["hint"] = r["hint"] or findings.sensitivity_hint(r, cfg.devices[r["device"]].precisions)
     return table
+
+
+def latency_limits(cfg: KilnConfig) -> dict[str, float | None]:
+    """Model -> its mixed variants' `sensitivity.max_latency_loss` (None: no limit)."""
+    return {name: spec.sensitivity.get("max_latency_loss") for name, spec in cfg.models.items()}
 
 
 def deploy_markdown(plan: list[dict]) -> str:
@@ -236,6 +249,9 @@ def deploy_markdown(plan: list[dict]) -> str:
     slow = [n for d in plan for n in d["not_faster"]]
     if slow:
         lines += ["", "Not faster than the precision above it:", ""] + [f"- {n}" for n in slow]
+    given_up = [g["note"] for d in plan for g in d.get("latency_given_up") or []]
+    if given_up:
+        lines += ["", "Latency the mixed variants gave up against their strict ones:", ""] + [f"- {n}" for n in given_up]
     return "\n".join(lines) + "\n"
 
 
@@ -249,11 +265,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def to_markdown(table: list[dict]) -> str:
+def to_markdown(table: list[dict], limits: dict[str, float | None] | None = None) -> str:
     cols = ["model", "device", "precision", "status", "flags", "map50_95", "map50", "map50_drop", "parity_weakest",
             "parity_min_cosine", "detection_match_rate", "latency_median_ms", "latency_p99_ms", "throughput_ips",
             "pipeline_median_ms", "speedup_vs_pytorch", "best_streams", "streams_images_per_s",
-            "images_per_s_by_streams", "engine_bytes", "reason", "kept"]
+            "images_per_s_by_streams", "engine_bytes", "reason", "kept", "latency_given_up"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table:
         lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in cols) + " |")
@@ -272,7 +288,7 @@ def to_markdown(table: list[dict]) -> str:
     hints = [r["hint"] for r in table if r.get("hint")]
     if hints:
         lines += ["", *(f"- {r['model']} {r['device']} {r['precision']}: {r['hint']}" for r in table if r.get("hint"))]
-    return "# Kiln summary\n\n" + "\n".join(lines) + "\n\n" + deploy_markdown(findings.deploy(table))
+    return "# Kiln summary\n\n" + "\n".join(lines) + "\n\n" + deploy_markdown(findings.deploy(table, limits))
 
 
 def write_summary(
@@ -286,7 +302,8 @@ def write_summary(
 ) -> list[dict]:
     """Write the three summary files; `inputs` are the rule's input files (local copies under storage)."""
     table = rows(cfg, cannot_build or {}, cannot_run or {}, paths.local_copies(inputs or []))
-    write_json(out_json, {"rows": table, "columns": COLUMNS, "deploy": findings.deploy(table)})
+    limits = latency_limits(cfg)
+    write_json(out_json, {"rows": table, "columns": COLUMNS, "deploy": findings.deploy(table, limits)})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -294,7 +311,7 @@ def write_summary(
     with atomic_path(out_csv) as tmp:
         tmp.write_text(buf.getvalue())
     with atomic_path(out_md) as tmp:
-        tmp.write_text(to_markdown(table))
+        tmp.write_text(to_markdown(table, limits))
     log.info("summary: %d rows -> %s", len(table), os.path.dirname(out_json))
     return table
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from kiln import backends, fingerprint, paths
 from kiln.config import KilnConfig, check_files_unique, load, read_yaml
 from kiln.errors import KilnError
+from kiln.specs import MIXED_PRECISIONS, base_precision
 
 # Each rule's stage module: the one place a rule name leads to its code (README's module table).
 STAGES = {
@@ -165,6 +166,7 @@ def summary_records(cfg: KilnConfig, run: dict[str, str | None], build: dict[str
         out[paths.fmt(paths.SIMPLIFY_RECORD, results=cfg.results, model=m, opset=d.opset)] = None
         out[paths.fmt(paths.VARIANT_RECORD, results=cfg.results, model=m, opset=d.opset,
                       precision=d.variant_of(p))] = None
+        out.update(dict.fromkeys(kept_records(cfg, dev, m, p)))  # a mixed row built from the strict source
     return list(out)
 
 
@@ -184,6 +186,15 @@ def device_pattern(can: dict[str, str | None] | None) -> str:
     return "|".join(names) if names else "(?!)"  # (?!) matches nothing
 
 
+def kept_records(cfg: KilnConfig, device: str, model: str, precision: str) -> list[str]:
+    """[the mixed variant's record] where this engine is built from the strict source, its kept nodes held
+    layer by layer (kiln.build reads them); [] otherwise."""
+    d = cfg.devices[device]
+    if precision not in MIXED_PRECISIONS or d.variant_of(precision) == precision:
+        return []
+    return [paths.fmt(paths.VARIANT_RECORD, results=cfg.results, model=model, opset=d.opset, precision=precision)]
+
+
 def artifact_targets(cfg: KilnConfig) -> list[str]:
     """Everything device hosts build and validate from, for every device of the config: the ONNX
     variant each engine is built from, calibration inputs where a build calibrates, the fp32
@@ -193,7 +204,8 @@ def artifact_targets(cfg: KilnConfig) -> list[str]:
     for dev, m, p in cfg.jobs():
         d = cfg.devices[dev]
         out[paths.fmt(paths.VARIANT, results=R, model=m, opset=d.opset, precision=d.variant_of(p))] = None
-        if backends.get(d.backend).needs_calibration(d, p):
+        out.update(dict.fromkeys(kept_records(cfg, dev, m, p)))
+        if backends.get(d.backend).needs_calibration(d, base_precision(p)):
             out[paths.fmt(paths.INPUTS, results=R, model=m, split="calib")] = None
         out[paths.fmt(paths.REFERENCE, results=R, model=m, opset=d.opset)] = None
         out[paths.fmt(paths.REFERENCE_RECORD, results=R, model=m, opset=d.opset)] = None
@@ -466,7 +478,14 @@ class Plan:
 
     def needs_calibration(self, device: str, precision: str) -> bool:
         d = self.cfg.devices[device]
-        return backends.get(d.backend).needs_calibration(d, precision)
+        return backends.get(d.backend).needs_calibration(d, base_precision(precision))  # int8-mixed as int8
+
+    def kept_inputs(self):
+        """The build rule's `kept` input: the mixed variant's record (its kept nodes) where the engine is built
+        from the strict source with per-layer constraints; [] for every other job."""
+        if not any(kept_records(self.cfg, d, m, p) for d, m, p in self.cfg.jobs()):
+            return []
+        return lambda w: kept_records(self.cfg, w.device, w.model, w.precision)
 
     def code(self, rule: str):
         """The `code` param of `rule`: its stage's fingerprint, with the modules registries add per job.

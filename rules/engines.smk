@@ -27,6 +27,7 @@ rule build:
     input:
         onnx=engine_source,
         calib=PLAN.calibration_inputs(),
+        kept=PLAN.kept_inputs(),  # a mixed variant built from the strict source: its kept nodes (kiln/build.py)
         annotations=PLAN.per_model(lambda m: dataset_of(m, "val")),  # class names for engine.json's runtime
     output:
         P(paths.ENGINE_RECORD),

@@ -33,6 +33,7 @@ rule fallback:
         calib=lambda w: P(paths.INPUTS, model=w.model, split="calib"),
         annotations=PLAN.per_model(lambda m: dataset_of(m, "calib")),
         sensitivity=lambda w: P(paths.SENSITIVITY, model=w.model, precision=w.precision.removesuffix("-mixed")),
+        strict=lambda w: P(paths.VARIANT, model=w.model, precision=w.precision.removesuffix("-mixed")),
     output:
         onnx=P(paths.VARIANT),
         record=P(paths.VARIANT_RECORD),

@@ -152,3 +152,25 @@ def test_cli_unreadable_summaries_are_one_line_errors(tmp_path, capsys):
     assert "bad.json is not a Kiln summary.json" in capsys.readouterr().err
     assert cli_main(["compare", str(good), str(good), "--map-drop", "-1"]) == 2
     assert "tolerances cannot be negative" in capsys.readouterr().err
+
+
+def test_runs_with_and_without_mixed_variants_compare_row_by_row(tmp_path, capsys):
+    """One run without int8-mixed, one with it (and its kept nodes); then a run whose int8-mixed keeps more."""
+    mixed = {**_row(precision="int8-mixed", map50_95=0.595, p50=4.4, ips=230.0),
+             "kept": "1 kept in higher precision: /head/cls.0.2/Conv (the 1 region adding the most error ...)",
+             "latency_given_up": 0.1}
+    old = [*BASE[:2], _row(precision="int8", status="failed", reason="map50 drop 0.11 > 0.05", map50_95=0.50)]
+    new = [*old, mixed]
+    changes = _by(compare.compare(compare.load_rows(_write(tmp_path / "old.json", old)),
+                                  compare.load_rows(_write(tmp_path / "new.json", new))))
+    assert changes[_key("int8-mixed")].kind == "added" and changes[_key("int8-mixed")].notes == ["added (passed)"]
+    assert not any(c.regressions for c in changes.values())
+    more = {**mixed, "kept": "2 kept in higher precision: /head/cls.0.2/Conv, /head/cls.1.2/Conv (why)"}
+    changes = _by(compare.compare({_key("int8-mixed"): mixed}, {_key("int8-mixed"): more}))
+    assert changes[_key("int8-mixed")].notes == [
+        "kept nodes changed: 1 kept in higher precision: /head/cls.0.2/Conv -> 2 kept in higher precision: /head/cls.0.2/Conv, "
+        "/head/cls.1.2/Conv"]
+    # Removed again: listed, not flagged; the CLI reads both and exits 0.
+    _write(tmp_path / "newer.json", old)
+    assert cli_main(["compare", str(tmp_path / "new.json"), str(tmp_path / "newer.json")]) == 0
+    assert "removed (was passed)" in capsys.readouterr().out

@@ -223,3 +223,23 @@ def test_built_engine_needs_no_diagnosis_and_summary_shows_one(tmp_path):
 def test_device_round_trips_for_the_check_process():
     device = rtx_config().devices["rtx"]
     assert diagnose.device_from_json(diagnose.device_json(device)) == device
+
+
+def test_diagnosis_records_the_builds_tf32_and_the_suggestion_the_summary_hint_quotes(tmp_path):
+    from kiln import findings
+    from kiln.util import read_json
+
+    cfg = rtx_config()
+    rec, out = tmp_path / "engine.json", tmp_path / "d.json"
+    write_json(rec, {"status": "built", "options": {"tf32": True}})
+    got = diagnose_stage.diagnose_build(cfg, "rtx", "yolo_demo", "fp16", rec, tmp_path / "none.onnx", out)
+    assert read_json(out) == got and got["status"] == "not needed" and got["tf32"] is True
+    assert got["suggestion"].endswith("set devices.rtx.tf32: false and rebuild")
+    failing = {"model": "yolo_demo", "device": "rtx", "precision": "fp16", "status": "failed"}
+    assert findings.tf32_hint(failing, read_json(rec)) == got["suggestion"]  # one implementation, two places
+    write_json(rec, {"status": "built", "options": {"tf32": False}})
+    got = diagnose_stage.diagnose_build(cfg, "rtx", "yolo_demo", "fp32", rec, tmp_path / "none.onnx", out)
+    assert got["tf32"] is False and got["suggestion"] is None
+    write_json(rec, {"status": "built", "options": {"tf32": True}})
+    got = diagnose_stage.diagnose_build(cfg, "rtx", "yolo_demo", "int8", rec, tmp_path / "none.onnx", out)
+    assert "tf32" not in got  # TF32 does not touch int8 layers: not recorded

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -101,7 +103,34 @@ def test_mixed_precision_names(config_dict):
     assert "results/sensitivity/yolo_demo/opset17/int8.md" in sensitivity.targets(cfg)
 
 
-def test_mixed_variant_on_a_device_that_builds_int8_from_fp32_is_refused(config_dict):
+def test_mixed_variant_on_a_device_that_builds_int8_from_fp32_is_built_from_fp32_with_layer_constraints(
+        config_dict, tmp_path):
+    """TensorRT 8.5, int8 by calibrator (weakly typed): int8-mixed is built from the fp32 ONNX, calibrated like
+    int8, and its kept nodes (the int8-mixed variant's record, which is still made) go to the build."""
+    from kiln import build, workflow
+    from kiln.util import write_json
+
+    config_dict["devices"] = {"orin": {"backend": "tensorrt", "compute_capability": "8.7",
+                                       "tensorrt": {"min": "8.5", "max": "8.5"}, "opset": 16, "jetson": True,
+                                       "precisions": ["int8", "int8-mixed"], "int8_mode": "calibrator",
+                                       "batch_sizes": [1]}}
+    cfg = load(config_dict, check_paths=False)
+    d = cfg.devices["orin"]
+    assert d.variant_of("int8-mixed") == "fp32" and d.variant_of("int8") == "fp32"
+    assert cfg.precisions("yolo_demo", 16) == ["fp32", "int8-mixed"]  # the mixed variant: its kept list
+    record = "results/onnx/yolo_demo/opset16/int8-mixed.json"
+    assert workflow.kept_records(cfg, "orin", "yolo_demo", "int8-mixed") == [record]
+    assert workflow.kept_records(cfg, "orin", "yolo_demo", "int8") == []
+    assert record in workflow.summary_records(cfg, {"orin": None}, {"orin": None})
+    write_json(tmp_path / "int8-mixed.json", {"fallback": {"strict": "int8", "kept": [
+        {"node": "/head/cls.0.2/Conv"}, {"node": "/head/cls.1.2/Conv"}]}})
+    assert build.kept_nodes(tmp_path / "int8-mixed.json") == {"/head/cls.0.2/Conv": "fp16", "/head/cls.1.2/Conv": "fp16"}
+
+
+def test_mixed_variant_on_a_backend_that_cannot_constrain_layers_is_refused(config_dict, monkeypatch):
+    from kiln.backends import tensorrt
+
+    monkeypatch.setattr(tensorrt.TensorRT, "constrains_layers", lambda self, device: False)
     config_dict["devices"] = {"orin": {"backend": "tensorrt", "compute_capability": "8.7",
                                        "tensorrt": {"min": "8.5", "max": "8.5"}, "opset": 16, "jetson": True,
                                        "precisions": ["int8", "int8-mixed"], "int8_mode": "calibrator",
@@ -138,6 +167,8 @@ def test_the_sensitive_example_end_to_end(tmp_path):
     shutil.copy(REPO / "models" / "demo_yolo.pt", tmp_path / "models" / "demo_yolo.pt")
     config = yaml.safe_load((REPO / "examples" / "sensitive.yaml").read_text())
     config["devices"]["cpu"]["precisions"] = ["int8", "int8-mixed"]
+    # A limit no try reaches (the CPU figures of a busy host are noisy): the fallback times each try all the same.
+    config["models"]["yolo_sensitive"]["sensitivity"]["max_latency_loss"] = 10.0
     config["validation"]["latency"] = {"warmup_ms": 10, "min_iterations": 5, "min_seconds": 0.05}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
@@ -152,11 +183,121 @@ def test_the_sensitive_example_end_to_end(tmp_path):
     kept = [k["node"] for k in record["fallback"]["kept"]]
     assert record["fallback"]["passed_on_calib"] and 1 <= len(kept) <= 6
     assert all(k.startswith("/head/cls.") for k in kept)
+    assert record["fallback"]["stopped_by"] == "gate passed"
+    assert record["fallback"]["cpu_latency"]["strict_median_ms"] > 0 and record["fallback"]["cpu_latency"]["within_limit"]
     rows = {r["precision"]: r for r in read_json(tmp_path / "results/report/summary.json")["rows"]}
     assert rows["int8"]["status"] == "failed" and "map50 drop" in rows["int8"]["reason"]
     assert "add int8-mixed to devices.cpu.precisions" in rows["int8"]["hint"]
     assert rows["int8-mixed"]["status"] == "passed" and kept[0] in rows["int8-mixed"]["kept"]
+    assert rows["int8-mixed"]["latency_given_up"] == pytest.approx(
+        rows["int8-mixed"]["latency_median_ms"] / rows["int8"]["latency_median_ms"] - 1, abs=1e-4)
     deploy = read_json(tmp_path / "results/report/summary.json")["deploy"]
     assert [(d["model"], d["device"], d["deploy"]) for d in deploy] == [("yolo_sensitive", "cpu", "int8-mixed")]
     assert "## Engine to deploy" in (tmp_path / "results/report/summary.md").read_text()
     assert "Engine to deploy" in (tmp_path / "results/report/kiln.md").read_text()
+
+
+def test_latency_given_up_is_mixed_over_strict_at_batch_1_and_flagged_over_the_limit():
+    rows = [_row("int8", 20.0, 0.5, "failed"), _row("int8-mixed", 25.0, 0.79), _row("fp16", 30.0, 0.8),
+            _row("int8", 10.0, 0.5, device="gpu"), _row("int8-mixed", 10.5, 0.79, device="gpu")]
+    got = findings.latency_given_up(rows, {"m": 0.10})
+    assert set(got) == {("m", "cpu", "int8-mixed"), ("m", "gpu", "int8-mixed")}
+    cpu, gpu = got[("m", "cpu", "int8-mixed")], got[("m", "gpu", "int8-mixed")]
+    assert cpu["loss"] == 0.25 and cpu["over"] and cpu["note"] == (
+        "int8-mixed gives up 25.0% latency against int8 on cpu (25.00 ms against 20.00 ms median at batch 1), "
+        "over models.m.sensitivity.max_latency_loss 0.1")
+    assert gpu["loss"] == 0.05 and not gpu["over"] and "max_latency_loss" not in gpu["note"]
+    assert not findings.latency_given_up(rows)[("m", "cpu", "int8-mixed")]["over"]  # no limit: shown, never flagged
+    rows[1]["batch_size"] = 8  # another batch size than the strict row's batch 1: not compared
+    assert ("m", "cpu", "int8-mixed") not in findings.latency_given_up(rows, {"m": 0.1})
+    cpu_plan, _gpu_plan = findings.deploy(rows, {"m": 0.1})
+    assert cpu_plan["latency_given_up"] == []
+    assert findings.deploy(rows[3:], {"m": 0.01})[0]["latency_given_up"][0]["over"]
+
+
+def _fake_fallback(monkeypatch, tmp_path, config_dict, losses: dict[int, float], passes_at: int,
+                   max_latency_loss=None, max_nodes=8):
+    """make_mixed with ModelOpt, the judge and the CPU timer replaced: try k passes the gate from `passes_at`
+    on and is slower than the strict variant by losses[k]. Returns the record."""
+    from kiln.precision import fallback
+    from kiln.util import write_json
+
+    config_dict["devices"] = {"cpu": {"backend": "onnxruntime", "opset": 17, "precisions": ["int8", "int8-mixed"],
+                                      "batch_sizes": [1]}}
+    config_dict["models"]["yolo_demo"]["sensitivity"] = {
+        "max_nodes": max_nodes, **({"max_latency_loss": max_latency_loss} if max_latency_loss is not None else {})}
+    cfg = load(config_dict, check_paths=False)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, images=np.zeros((2, 3, 8, 8), np.uint8), image_ids=np.arange(2), orig_sizes=np.ones((2, 2)),
+             ratios=np.ones(2), pads=np.zeros((2, 2)))
+    strict = {"error": 0.5, "passed": False, "failures": ["mAP50 drop 0.5 > 0.05"]}
+    regions = [{"node": f"/n{i}", "op_type": "Conv", "block": f"/n{i}", "rank": i + 1, "error_added": 0.1 - i / 100}
+               for i in range(6)]
+    write_json(tmp_path / "int8.json", {"regions": regions, "strict": strict, "estimate": 1})
+
+    def make_variant(src, out, options, calib, log):
+        out.write_text(str(len(options.nodes_to_exclude)))  # the try's k, read back by the fakes below
+        return {"nodes_to_exclude": list(options.nodes_to_exclude)}
+
+    class FakeJudge:
+        def measure(self, path):
+            ok = int(path.read_text()) >= passes_at
+            return {"error": 0.0 if ok else 0.3, "passed": ok, "failures": [] if ok else ["scores 0.9 < 0.98"]}
+
+    monkeypatch.setattr(fallback, "make_variant", make_variant)
+    monkeypatch.setattr(fallback.Judge, "on_fp32", classmethod(lambda cls, *a, **k: FakeJudge()))
+    monkeypatch.setattr(fallback, "brief", lambda res: {k: res[k] for k in ("error", "passed", "failures")})
+    (tmp_path / "strict.onnx").write_text("0")
+    monkeypatch.setattr(fallback, "cpu_median_ms",
+                        lambda path, feeds, threads=0: 10.0 * (1 + losses.get(int(Path(path).read_text()), 0.0)))
+    return fallback.make_mixed(cfg, "yolo_demo", "int8-mixed", tmp_path / "fp32.onnx", tmp_path / "int8-mixed.onnx",
+                               tmp_path / "int8-mixed.json", npz, tmp_path / "ann.json", tmp_path / "int8.json",
+                               strict_onnx=tmp_path / "strict.onnx")["fallback"]
+
+
+def test_the_fallback_stops_before_the_latency_limit_and_records_the_cpu_estimates(monkeypatch, tmp_path, config_dict):
+    # Passing needs 4 nodes, but 3 already give up 30% on this host's CPU, over the limit of 25%: 2 are kept.
+    fb = _fake_fallback(monkeypatch, tmp_path, config_dict, {1: 0.05, 2: 0.2, 3: 0.3, 4: 0.4}, passes_at=4,
+                        max_latency_loss=0.25)
+    assert fb["stopped_by"] == "max_latency_loss" and not fb["passed_on_calib"]
+    assert [k["node"] for k in fb["kept"]] == ["/n0", "/n1"]
+    assert [(t["kept"], t["cpu_latency_loss"]) for t in fb["tries"]] == [(1, 0.05), (2, 0.2), (3, 0.3)]
+    lat = fb["cpu_latency"]
+    assert lat["strict_median_ms"] == 10.0 and lat["loss"] == 0.2 and lat["within_limit"]
+    assert lat["note"].startswith("CPU-host estimates: ONNX Runtime CPU at batch 1")
+    assert "keeping 3 would give up 30.0% CPU latency against strict int8, over models.yolo_demo.sensitivity." \
+           "max_latency_loss 0.25" in fb["why"]
+    assert (tmp_path / "int8-mixed.onnx").read_text() == "2"  # the variant is the last try within the limit
+
+
+def test_the_fallback_without_a_latency_limit_times_nothing_and_stops_at_the_gate_or_max_nodes(
+        monkeypatch, tmp_path, config_dict):
+    fb = _fake_fallback(monkeypatch, tmp_path, config_dict, {3: 5.0}, passes_at=3)
+    assert fb["stopped_by"] == "gate passed" and fb["passed_on_calib"] and len(fb["kept"]) == 3
+    assert "cpu_latency" not in fb and "cpu_latency_loss" not in fb["tries"][0] and fb["max_latency_loss"] is None
+    fb = _fake_fallback(monkeypatch, tmp_path, config_dict, {}, passes_at=9, max_nodes=2, max_latency_loss=0.5)
+    assert fb["stopped_by"] == "max_nodes" and len(fb["kept"]) == 2 and fb["cpu_latency"]["within_limit"]
+    # Even the first try is over the limit: it is the variant, said to be over.
+    fb = _fake_fallback(monkeypatch, tmp_path, config_dict, {1: 0.9}, passes_at=1, max_latency_loss=0.5)
+    assert fb["stopped_by"] == "max_latency_loss" and len(fb["kept"]) == 1 and not fb["cpu_latency"]["within_limit"]
+    assert "no try is within it" in fb["why"]
+
+
+def test_a_latency_limit_that_is_not_a_positive_fraction_is_refused(config_dict):
+    config_dict["models"]["yolo_demo"]["sensitivity"] = {"max_latency_loss": 0}
+    with pytest.raises(KilnError, match=r"'models.yolo_demo.sensitivity.max_latency_loss': 0 is less than or equal "
+                                        r"to the minimum of 0"):
+        load(config_dict, check_paths=False)
+
+
+def test_bf16_sensitivity_is_refused_where_onnx_runtime_cpu_cannot_run_bf16(config_dict):
+    from kiln.backends.ort_capabilities import capabilities
+
+    if capabilities("CPUExecutionProvider")["bf16"].runs:
+        pytest.skip("this ONNX Runtime runs bf16 on CPU: nothing to refuse")
+    config_dict["models"]["yolo_demo"]["sensitivity"] = {"precisions": ["bf16"]}
+    with pytest.raises(KilnError, match=r"^config: 'models.yolo_demo.sensitivity.precisions' lists bf16, but ONNX "
+                                        r"Runtime's CPU provider, on which rule sensitivity judges variants, cannot "
+                                        r"run bf16 here \(probed on onnxruntime .*NOT_IMPLEMENTED.*\): remove bf16 "
+                                        r"from the list$"):
+        load(config_dict, check_paths=False)

@@ -18,6 +18,7 @@ import pkgutil
 import re
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -637,3 +638,66 @@ def test_tensorrt_rtx_run(onnx_models, tmp_path):
     x = np.random.default_rng(1).random((4, 3, SIZE, SIZE), dtype=np.float32)
     out = runner.infer({"images": x})["output0"]
     np.testing.assert_allclose(out, _reference(onnx_models["fp32"], x), atol=1e-3)
+
+
+def test_kept_nodes_become_per_layer_precision_constraints_on_a_weakly_typed_network():
+    """TensorRT < 11 (weak typing): a mixed variant's kept nodes held to fp16 layer by layer, with
+    OBEY_PRECISION_CONSTRAINTS (kiln.backends.trt.builder.constrain_layers). Full TensorRT is not installable
+    on this host, so the network, config and enums are fakes with TensorRT's API names (the names themselves
+    are checked against the TensorRT 10 stubs by test_tensorrt_names_exist_in_stubs)."""
+    import enum
+
+    from kiln.backends.tensorrt import constrain_layers
+
+    DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32")
+    BuilderFlag = enum.Enum("BuilderFlag", "FP16 INT8 OBEY_PRECISION_CONSTRAINTS")
+
+    class Layer:
+        def __init__(self, name, dtypes):
+            self.name, self.precision, self.outputs, self.set = name, DataType.FLOAT, dtypes, {}
+            self.num_outputs = len(dtypes)
+
+        def get_output(self, j):
+            return SimpleNamespace(dtype=self.outputs[j])
+
+        def set_output_type(self, j, dtype):
+            self.set[j] = dtype
+
+    class Config:
+        flags: set = set()
+
+        def set_flag(self, flag):
+            self.flags = self.flags | {flag}
+
+    layers = [Layer("/backbone/Conv", [DataType.FLOAT]), Layer("/head/cls.0.2/Conv", [DataType.FLOAT]),
+              Layer("/head/cls.0.2/Conv_1", [DataType.FLOAT]), Layer("/head/TopK", [DataType.FLOAT, DataType.INT32])]
+    network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
+    ns = SimpleNamespace(trt=SimpleNamespace(DataType=DataType, BuilderFlag=BuilderFlag))
+    config = Config()
+    got = constrain_layers(ns, network, config, {"/head/cls.0.2/Conv": "fp16", "/head/TopK": "fp16",
+                                                 "/head/cls.1.2/Conv": "fp16"})
+    assert got == {"constrained": [{"layer": "/head/cls.0.2/Conv", "index": 1, "precision": "fp16", "outputs": [0]},
+                                   {"layer": "/head/TopK", "index": 3, "precision": "fp16", "outputs": [0]}],
+                   "unmatched": ["/head/cls.1.2/Conv"]}
+    assert layers[1].precision == DataType.HALF and layers[1].set == {0: DataType.HALF}
+    assert layers[3].set == {0: DataType.HALF}  # TopK's int32 indices keep their type
+    assert layers[0].precision == DataType.FLOAT and layers[2].set == {}  # a name that only starts alike: not kept
+    assert config.flags == {BuilderFlag.OBEY_PRECISION_CONSTRAINTS, BuilderFlag.FP16}
+    config = Config()
+    assert constrain_layers(ns, network, config, {"/nowhere": "fp16"})["constrained"] == [] and config.flags == set()
+
+
+def test_the_tensorrt_build_hands_kept_nodes_to_the_builder_only_for_weakly_typed_builds(monkeypatch, tmp_path):
+    """kiln.backends.tensorrt.build with kept_nodes: a network hook that applies constrain_layers on TensorRT < 11,
+    none on 11 (strongly typed). TensorRT is not installable here: its module and the builder are fakes."""
+    seen = {}
+    monkeypatch.setattr(tensorrt, "import_trt", lambda flavor: SimpleNamespace(__version__=seen["version"]))
+    monkeypatch.setattr(tensorrt.builder, "build_plan", lambda *a, **k: seen.update(hook=k["network_hook"]))
+    monkeypatch.setattr(tensorrt, "constrain_layers", lambda ns, network, config, kept: {"kept": kept})
+    for version, minimum, weak in (("8.5.2", "8.5", True), ("11.0.0", "11.0", False)):
+        seen["version"] = version
+        device = device_of({"backend": "tensorrt", "compute_capability": "8.7", "tensorrt": {"min": minimum},
+                            "precisions": ["int8"], "int8_mode": "calibrator" if weak else "qdq",
+                            "batch_sizes": [1]})
+        tensorrt.build(tmp_path / "m.onnx", tmp_path / "e", device, "fp16", kept_nodes={"/a/Conv": "fp16"})
+        assert (seen["hook"](None, None, None) == {"kept": {"/a/Conv": "fp16"}}) if weak else seen["hook"] is None

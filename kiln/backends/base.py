@@ -144,6 +144,11 @@ class Backend(ABC):
         """Whether every tensor type comes from the ONNX (True) or from builder flags (False)."""
         return True
 
+    def constrains_layers(self, device) -> bool:
+        """Whether a mixed variant (int8-mixed) can be built from its strict source ONNX, its kept nodes held
+        to their precision layer by layer (build's ``kept_nodes``), where source_precision is not its Q/DQ one."""
+        return False
+
     def model_problems(self, device, model) -> list[str]:
         """Config-time problems of building `model` (a ModelSpec) for `device`: ops its parser cannot take."""
         return []

@@ -186,6 +186,40 @@ def calibration_batches(calib_npz: Path, model_spec, batch_size: int):
         yield data.feeds(model_spec, start, min(n, start + batch_size))
 
 
+# A kept node's precision (kiln.precision.fallback keeps int8/fp8 nodes in fp16) -> trt.DataType member.
+LAYER_TYPES = {"fp16": "HALF", "fp32": "FLOAT"}
+
+
+def constrain_layers(ns: SimpleNamespace, network: Any, config: Any, kept: dict[str, str]) -> dict[str, list]:
+    """Per-layer precision constraints on a weakly typed network (TensorRT < 11): every layer named as a kept
+    ONNX node (the ONNX parser names a node's layer after it) computes and writes its float outputs in the
+    kept precision, and the builder must obey (BuilderFlag.OBEY_PRECISION_CONSTRAINTS). TensorRT only:
+    TensorRT-RTX is strongly typed and has no such flag.
+
+    `kept` maps ONNX node names to "fp16" or "fp32". Returns the layers constrained and the kept nodes
+    that matched no layer (a node the parser fused away or renamed): engine.json records both."""
+    trt = ns.trt
+    floats = {trt.DataType.FLOAT, trt.DataType.HALF}
+    constrained, matched = [], set()
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        precision = kept.get(layer.name)
+        if precision is None:
+            continue
+        dtype = getattr(trt.DataType, LAYER_TYPES[precision])
+        layer.precision = dtype
+        outputs = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in floats]
+        for j in outputs:
+            layer.set_output_type(j, dtype)
+        constrained.append({"layer": layer.name, "index": i, "precision": precision, "outputs": outputs})
+        matched.add(layer.name)
+    if constrained:
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        if any(c["precision"] == "fp16" for c in constrained):
+            config.set_flag(trt.BuilderFlag.FP16)  # a HALF constraint needs fp16 kernels allowed
+    return {"constrained": constrained, "unmatched": [n for n in kept if n not in matched]}
+
+
 def _calibrator_factory(engine_path: Path, extra: dict[str, Any]):
     calib_npz, spec = extra.get("calib_npz"), extra.get("model_spec")
     if not calib_npz or spec is None:
@@ -225,6 +259,8 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
     * ``timing_cache``: timing-cache file to load (when present) and update; or
     * ``cache_dir``: folder where ``timing-<key>.cache`` is kept, the key from
       :func:`kiln.backends.trt.host.timing_cache_key` (GPU, CUDA and TensorRT versions).
+    * ``kept_nodes``: ONNX node -> precision ("fp16"), a mixed variant's kept nodes (kiln.precision.fallback)
+      when its engine is built from the strict source: per-layer constraints (:func:`constrain_layers`).
     * ``validation_batch_size``: the validation batch size, so the default profile covers it.
     * ``layers_json``: where layers.json goes (default beside the engine).
     """
@@ -246,6 +282,9 @@ def build(onnx_path: Path, engine_path: Path, device, precision: str, threads: i
         strongly_typed=s["strongly_typed"],
         precision_flags=s["precision_flags"],
         calibrator_factory=_calibrator_factory(engine_path, extra) if s["calibrate"] else None,
+        # A mixed variant built from the strict source (weak typing): its kept nodes held to their precision.
+        network_hook=((lambda ns, network, config: constrain_layers(ns, network, config, kept))
+                      if (kept := extra.get("kept_nodes")) and not s["strongly_typed"] else None),
         timing_cache=Path(timing) if timing else None,
         validation_batch_size=extra.get("validation_batch_size"),
         model_spec=extra.get("model_spec"),
@@ -291,6 +330,9 @@ class TensorRT(TrtBackend):
 
     def needs_calibration(self, device, precision: str) -> bool:
         return needs_calibration(precision, device)
+
+    def constrains_layers(self, device) -> bool:
+        return not self.strongly_typed(device)  # TensorRT < 11: per-layer precision constraints (constrain_layers)
 
     def strongly_typed(self, device) -> bool:
         v = _device_version(device)

@@ -72,12 +72,13 @@ def options_from_config(precision: str, calibration: Mapping[str, Any] | None = 
 
 def params(cfg, model: str, precision: str) -> dict:
     """What changes a variant's bytes (tracked by Snakemake): the calibration block for int8/fp8; for
-    a mixed variant (int8-mixed, kiln.precision.fallback) also the gate it must pass and its limit."""
+    a mixed variant (int8-mixed, kiln.precision.fallback) also the gate it must pass and its limits (nodes, latency)."""
     if precision.endswith("-mixed"):
         spec, base = cfg.models[model], precision.removesuffix("-mixed")
         return {"precision": precision, "calibration": dict(spec.calibration),
                 "thresholds": cfg.validation["thresholds"][base], "match_score": cfg.validation["match_score"],
                 "batch_size": cfg.validation["batch_size"], "max_nodes": spec.sensitivity.get("max_nodes", 8),
+                "max_latency_loss": spec.sensitivity.get("max_latency_loss"),
                 "images": spec.sensitivity.get("images") or spec.calibration["images"]}
     if precision in QUANT_PRECISIONS:
         return {"precision": precision, "calibration": dict(cfg.models[model].calibration)}

@@ -64,6 +64,7 @@ COLUMNS: list[tuple[str, str, Callable]] = [
     ("speedup_vs_pytorch", "speed-up vs PyTorch", _speedup),
     ("best_streams", "best streams", str),
     ("streams_images_per_s", "images/s at best streams", _num(1)),
+    ("latency_given_up", "latency given up vs strict", _signed),
     ("flags", "flags", str),
     ("reason", "reason", str),
 ]
@@ -305,8 +306,7 @@ def _deploy_html(run: Run, m: Model) -> str:
                    f"<td>{_e(_opt(d['latency_median_ms']))}</td><td>{_e(_opt(d['map50_95'], 4))}</td>"
                    f"<td>{_e(deploy_front(d))}</td></tr>")
     out.append("</tbody></table>")
-    out.append(_deploy_html(run, m))
-    notes_ = [n for d in rows for n in d["not_faster"]]
+    notes_ = [n for d in rows for n in d["not_faster"]] + [g["note"] for d in rows for g in d.get("latency_given_up") or []]
     if notes_:
         out.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes_) + "</ul>")
     return "".join(out)
@@ -345,6 +345,7 @@ def _model_html(run: Run, m: Model, figures: list[Figure], base: Path) -> str:
             out.append(f'<td{f" class={kind}" if kind else ""}>{_e(cell(e, key, fmt))}</td>')
         out.append("</tr>")
     out.append("</tbody></table></div>")
+    out.append(_deploy_html(run, m))
 
     rs = reasons(m)
     out.append("<h3>Failures and skips</h3>")
@@ -454,7 +455,8 @@ def render_markdown(run: Run, figures: dict[str, list[Figure]], base: Path) -> s
         out += _md_table(["device", "deploy", "p50 ms", "mAP50-95", "Pareto front (latency, mAP50-95)"],
                          [[d["device"], d["deploy"] or f"none: {d['why']}", _opt(d["latency_median_ms"]),
                            _opt(d["map50_95"], 4), deploy_front(d)] for d in run.deploy if d["model"] == m.name])
-        slow = [f"- {n}" for d in run.deploy if d["model"] == m.name for n in d["not_faster"]]
+        slow = [f"- {n}" for d in run.deploy if d["model"] == m.name
+                for n in d["not_faster"] + [g["note"] for g in d.get("latency_given_up") or []]]
         out += ["", *slow] if slow else []
         out += ["", "### Failures and skips", ""]
         rs = reasons(m)

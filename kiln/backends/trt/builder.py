@@ -47,6 +47,7 @@ def make_config(
     profiles: Sequence[dict[str, dict[str, list[int]]]],
     *,
     precision_flags: dict[str, bool] | None = None,
+    network_hook: Callable[[SimpleNamespace, Any, Any], dict] | None = None,
     calibrator: Any = None,
     timing_cache: Path | None = None,
     compute_capabilities: Sequence[tuple[int, int]] | None = None,
@@ -54,8 +55,9 @@ def make_config(
 ) -> Any:
     """A Polygraphy config loader with the device's builder options.
 
-    ``precision_flags`` (fp16/bf16/int8/fp8 -> True) and ``calibrator`` are TensorRT < 11 weak
-    typing; ``compute_capabilities`` are TensorRT-RTX's ahead-of-time targets. ``record``
+    ``precision_flags`` (fp16/bf16/int8/fp8 -> True), ``calibrator`` and ``network_hook(ns, network, config)``
+    (per-layer precision constraints, kiln.backends.tensorrt.constrain_layers: a mixed variant built from the
+    strict source; what it returns is recorded as ``precision_constraints``) are TensorRT < 11 weak typing; ``compute_capabilities`` are TensorRT-RTX's ahead-of-time targets. ``record``
     receives the builder flags actually set on the config (read back from it).
     """
     trt = ns.trt
@@ -105,6 +107,10 @@ def make_config(
                 config.clear_flag(trt.BuilderFlag.TF32)
         if device.dla_core is not None:
             config.DLA_core = int(device.dla_core)  # Polygraphy's use_dla always picks core 0
+        if network_hook is not None:
+            constraints = network_hook(ns, network, config)
+            if record is not None:
+                record["precision_constraints"] = constraints
         if record is not None:
             record["builder_flags"] = sorted(
                 name for name, flag in trt.BuilderFlag.__members__.items() if config.get_flag(flag)
@@ -150,6 +156,7 @@ def build_plan(
     source_precision: str,
     strongly_typed: bool,
     precision_flags: dict[str, bool] | None = None,
+    network_hook: Callable[[SimpleNamespace, Any, Any], dict] | None = None,
     calibrator_factory: Callable[[SimpleNamespace, list], tuple[Any, Path | None]] | None = None,
     compute_capabilities: Sequence[tuple[int, int]] | None = None,
     timing_cache: Path | None = None,
@@ -177,6 +184,7 @@ def build_plan(
             network = parse_onnx(ns, onnx_path, strongly_typed)
             calibrator, calib_cache = calibrator_factory(ns, profiles) if calibrator_factory else (None, None)
             config = make_config(ns, device, profiles, precision_flags=precision_flags, calibrator=calibrator,
+                                 network_hook=network_hook,
                                  timing_cache=timing_cache, compute_capabilities=compute_capabilities, record=record)
             if timing_cache is not None:
                 Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +209,9 @@ def build_plan(
         "strongly_typed": strongly_typed,
         "builder_flags": record.get("builder_flags", []),
         "precision_flags": sorted(k for k, v in (precision_flags or {}).items() if v),
+        # A mixed variant built from the strict source (TensorRT < 11): the layers held to the kept precision, and
+        # the kept nodes no layer is named after.
+        "precision_constraints": record.get("precision_constraints"),
         "compute_capabilities": [f"{a}.{b}" for a, b in (compute_capabilities or [])],
         # As the builder config holds them (TensorRT-RTX), e.g. ["SM89"]; empty for TensorRT.
         "compute_capability_targets": record.get("compute_capability_targets", []),
