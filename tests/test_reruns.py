@@ -62,6 +62,7 @@ EXPECTED = {
     'kiln/validate/__init__.py': {'validate': 6},
     'kiln/validate/pictures.py': {'validate': 6},
     'kiln/validate/pipeline.py': {'validate': 6},
+    'kiln/validate/streams.py': {'validate': 6},
     # Backends: their own devices' jobs (the reference runs on ONNX Runtime's CPU provider by design; the
     # CUDA provider's guard uses the shared GPU probe in backends/trt/host.py; no TensorRT device is built
     # or run on this host, so its module changes none here).
@@ -96,10 +97,11 @@ EXPECTED = {
     'kiln/accuracy.py': {'reference': 2, 'validate': 6},
     'kiln/batches.py': {'baseline': 2, 'quantize': 2, 'reference': 2, 'validate': 6},
     'kiln/cache.py': {'baseline': 2, 'build': 6, 'export': 2, 'reference': 2, 'validate': 6},
+    'kiln/classes.py': {'export': 2, 'reference': 2, 'validate': 6},
     'kiln/coco.py': {'build': 12, 'dataset': 2, 'inputs': 4, 'validate': 6},
     'kiln/draw.py': {'validate': 6},
     'kiln/errors.py': {'baseline': 2, 'build': 12, 'dataset': 2, 'diagnose': 6, 'export': 2, 'inputs': 4, 'page': 1, 'precision': 4, 'quantize': 2, 'reference': 2, 'serve': 2, 'summary': 1, 'surgery': 2, 'validate': 6},
-    'kiln/findings.py': {'page': 1, 'summary': 1, 'validate': 6},
+    'kiln/findings.py': {'diagnose': 6, 'page': 1, 'summary': 1, 'validate': 6},
     'kiln/fingerprint.py': {'baseline': 2, 'export': 2},
     'kiln/integrity.py': {'build': 12, 'diagnose': 6, 'reference': 2, 'serve': 2, 'summary': 1, 'validate': 6},
     'kiln/latency.py': {'baseline': 2, 'validate': 6},
@@ -110,6 +112,7 @@ EXPECTED = {
     'kiln/postprocess.py': {'reference': 2, 'validate': 6},
     'kiln/preprocess.py': {'baseline': 2, 'inputs': 4, 'quantize': 2, 'reference': 2, 'validate': 6},
     'kiln/specs.py': {'baseline': 2, 'build': 12, 'dataset': 2, 'diagnose': 6, 'export': 2, 'inputs': 4, 'page': 1, 'quantize': 2, 'reference': 2, 'serve': 2, 'summary': 1, 'validate': 6},
+    'kiln/streams.py': {'validate': 6},
     'kiln/util.py': {'baseline': 2, 'build': 12, 'dataset': 2, 'diagnose': 6, 'export': 2, 'inputs': 4, 'page': 1, 'precision': 4, 'quantize': 2, 'reference': 2, 'serve': 2, 'simplify': 2, 'summary': 1, 'surgery': 2, 'validate': 6},
 }
 # Modules that change no job of the demo: what plans and checks (config, workflow, CLI, lock), what no demo
