@@ -50,8 +50,12 @@ def _memory(runner, extra: int, before: tuple[int, str] | None) -> dict:
     after = runner.memory_in_use()
     if before is None or after is None:
         return {"per_context_bytes": None, "method": "the runner has no memory reading (Runner.memory_in_use)"}
-    return {"per_context_bytes": round((after[0] - before[0]) / extra), "method": f"{after[1]}, after minus before "
-            f"the {extra} more stream(s)' first run, over {extra}", "before_bytes": before[0], "after_bytes": after[0]}
+    method = f"{after[1]}, after minus before the {extra} more stream(s)' first run, over {extra}"
+    if after[0] <= before[0]:  # a shared arena, or the reading's noise: nothing measurable, never a negative size
+        return {"per_context_bytes": None, "method": f"{method}: no growth measured ({after[0] - before[0]} bytes)",
+                "before_bytes": before[0], "after_bytes": after[0]}
+    return {"per_context_bytes": round((after[0] - before[0]) / extra), "method": method,
+            "before_bytes": before[0], "after_bytes": after[0]}
 
 
 def measure(runner, spec, device, feeds_for: Callable[[int], dict], configured: list[int], L: dict,
