@@ -24,7 +24,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z][A-Za-z0-9_-]*",
     opset=r"\d+",
     split=r"calib|val",
-    precision=r"fp32|fp16|bf16|int8-mixed|int8|fp8-mixed|fp8|best",
+    precision=r"fp32|fp16-mixed|fp16|bf16|int8-mixed|int8|fp8-mixed|fp8|best",
 
 
 include: "rules/data.smk"

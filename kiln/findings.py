@@ -19,7 +19,8 @@ def latency_notes(validation: dict | None) -> list[str]:
 
 
 # A lower precision is worth deploying only where it is faster than the one above it on that device.
-HIGHER = {"fp16": "fp32", "bf16": "fp32", "int8": "fp16", "fp8": "fp16", "int8-mixed": "fp16", "fp8-mixed": "fp16"}
+HIGHER = {"fp16": "fp32", "bf16": "fp32", "int8": "fp16", "fp8": "fp16", "int8-mixed": "fp16", "fp8-mixed": "fp16",
+          "fp16-mixed": "fp32"}
 
 
 def _key(row: dict) -> tuple[str, str]:

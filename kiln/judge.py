@@ -22,11 +22,14 @@ from kiln.specs import ModelSpec
 PROVIDER = "CPUExecutionProvider"
 
 
-def session(model: onnx.ModelProto | str | Path, threads: int = 0):
-    """An ONNX Runtime CPU session of a model in memory (or a file), optimised as ORT does by default."""
+def session(model: onnx.ModelProto | str | Path, threads: int = 0, optimize: bool = True):
+    """An ONNX Runtime CPU session of a model in memory (or a file), optimised as ORT does by default; without
+    `optimize` at ORT_DISABLE_ALL (the fp16 emulation, kiln.fp16_emulation: its Cast pairs run as written)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3  # ORT warns about every Q/DQ pair it cannot fuse on CPU
     if threads:
         so.intra_op_num_threads = threads
@@ -57,8 +60,8 @@ class Judge:
                                                   judge.inputs, judge.annotations)
         return judge
 
-    def run(self, model: onnx.ModelProto | str | Path) -> dict[str, np.ndarray]:
-        sess = session(model, self.threads)
+    def run(self, model: onnx.ModelProto | str | Path, optimize: bool = True) -> dict[str, np.ndarray]:
+        sess = session(model, self.threads, optimize)
         names = [o.name for o in sess.get_outputs()]
         return run_batches(lambda feeds: dict(zip(names, sess.run(names, feeds))), self.spec, self.inputs,
                            self.batch_size)
@@ -86,10 +89,10 @@ class Judge:
         return {**result, "failures": failures, "passed": not failures,
                 "error": round((1.0 - score) + acc["map50_drop"], 9)}
 
-    def measure(self, model: onnx.ModelProto | str | Path) -> dict:
-        """Run `model` on the split and judge it; with the seconds it took."""
+    def measure(self, model: onnx.ModelProto | str | Path, optimize: bool = True) -> dict:
+        """Run `model` on the split and judge it (`optimize`: as :func:`session`); with the seconds it took."""
         t0 = time.perf_counter()
-        out = self.judge(self.run(model))
+        out = self.judge(self.run(model, optimize))
         out["seconds"] = round(time.perf_counter() - t0, 3)
         return out
 

@@ -1,4 +1,4 @@
-"""Stage `sensitivity`: which quantized regions of a strict int8/fp8 variant add its error, ranked.
+"""Stage `sensitivity`: which regions of a strict int8/fp8/fp16 variant add its error, ranked.
 
 On the calibration split (never the validation split: that stays the held-out gate), with ONNX
 Runtime CPU, against the fp32 surgery graph's outputs on the same images (kiln.judge):
@@ -8,7 +8,11 @@ Runtime CPU, against the fp32 surgery graph's outputs on the same images (kiln.j
    A region is one quantized node: a node of the surgery graph (same name) that reads a
    DequantizeLinear output. Putting it back bypasses the Q/DQ pairs on its inputs (activations
    and weights: ModelOpt quantizes weights as Q(fp weight) -> DQ), which is what ModelOpt's
-   ``nodes_to_exclude`` of that node does, without one ModelOpt run per node;
+   ``nodes_to_exclude`` of that node does, without one ModelOpt run per node.
+   An fp16 variant (AutoCast) is judged on its emulation instead (kiln.fp16_emulation: fp32
+   arithmetic, fp16 storage, built from the surgery graph; ONNX Runtime CPU runs fp16 in fp32 and
+   drops its Casts): a region is one node the variant computes in fp16, put back by leaving it
+   un-rounded in the emulation, as AutoCast's ``nodes_to_exclude`` leaves it fp32;
 3. regions are ranked by the error they add (kiln.judge.Judge.judge: 1 - parity score + mAP50
    drop), and the top 1..max_nodes are put back together to estimate how many the mixed variant
    needs (rule fallback confirms it with ModelOpt itself).
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import onnx
 
-from kiln import paths
+from kiln import fp16_emulation, paths
 from kiln.batches import load as load_inputs
 from kiln.judge import Judge, brief
 from kiln.specs import KilnConfig, base_precision
@@ -33,6 +37,8 @@ from kiln.util import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 PLUMBING = ("QuantizeLinear", "DequantizeLinear", "Cast", "Constant")
+# Where an fp16 table is measured (kiln.fp16_emulation says why not on ONNX Runtime CPU's own fp16).
+EMULATION = "onnxruntime CPU, fp16 emulation (fp32 arithmetic, fp16 storage; ORT_DISABLE_ALL)"
 
 
 def wanted(cfg: KilnConfig) -> list[tuple[str, int, str]]:
@@ -116,13 +122,28 @@ def bypass(model: onnx.ModelProto, nodes: set[str]) -> onnx.ModelProto:
 
 
 def rank(judge: Judge, variant: onnx.ModelProto, max_nodes: int, log_=log.info) -> dict:
-    """The strict variant's judgement, each region's, ranked, and the top-k estimate."""
+    """The strict int8/fp8 variant's judgement, each region's, ranked, and the top-k estimate."""
+    return rank_regions(judge, regions(variant), lambda kept: bypass(variant, kept), max_nodes, log_=log_)
+
+
+def rank_fp16(judge: Judge, fp32: onnx.ModelProto, variant: onnx.ModelProto, max_nodes: int, log_=log.info) -> dict:
+    """As :func:`rank` for an fp16 variant, judged on its emulation (kiln.fp16_emulation), never on ONNX Runtime
+    CPU's fp16, which runs in fp32 and drops the Casts: the strict emulation, then each fp16 region kept fp32."""
+    storage = fp16_emulation.fp16_storage(variant)
+    found = [{**r, "block": block_of(r["node"])} for r in fp16_emulation.regions(variant, fp32)]
+    return rank_regions(judge, found, lambda kept: fp16_emulation.emulate(fp32, storage, kept), max_nodes,
+                        optimize=False, log_=log_)
+
+
+def rank_regions(judge: Judge, found: list[dict], keep, max_nodes: int, optimize: bool = True,
+                 log_=log.info) -> dict:
+    """Judge `keep(set())` (the strict variant), then `keep({region})` for each region, ranked by the error each
+    removes, and the top 1..max_nodes together. `keep(nodes)` is the variant with `nodes` in higher precision."""
     t0 = time.perf_counter()
-    strict = judge.measure(variant)
+    strict = judge.measure(keep(set()), optimize)
     rows = []
-    found = regions(variant)
     for i, r in enumerate(found):
-        res = judge.measure(bypass(variant, {r["node"]}))
+        res = judge.measure(keep({r["node"]}), optimize)
         rows.append({**r, "error_added": round(strict["error"] - res["error"], 9), "kept": brief(res)})
         log_(f"region {i + 1}/{len(found)} {r['node']} ({r['op_type']}): error {res['error']:.4f} "
              f"(strict {strict['error']:.4f}), {res['seconds']:.2f} s")
@@ -134,7 +155,7 @@ def rank(judge: Judge, variant: onnx.ModelProto, max_nodes: int, log_=log.info) 
     for k in range(1, min(max_nodes, len(rows)) + 1):
         if estimate is not None:
             break
-        res = judge.measure(bypass(variant, {r["node"] for r in rows[:k]}))
+        res = judge.measure(keep({r["node"] for r in rows[:k]}), optimize)
         cumulative.append({"top": k, **brief(res)})
         if res["passed"]:
             estimate = k
@@ -155,13 +176,13 @@ def markdown(table: dict, top: int = 20) -> str:
     lines = [
         f"# Sensitivity: {table['model']} {table['precision']} (opset {table['opset']})",
         "",
-        f"Calibration split, {table['images']} images, ONNX Runtime CPU, against fp32 "
+        f"Calibration split, {table['images']} images, {table['runtime']}, against fp32 "
         f"(mAP50 {table['reference_accuracy']['map50']}). Strict {table['precision']}: error {s['error']}, "
         f"match rate {s['match_rate']}, mAP50 drop {s['map50_drop']}, cosine "
         + ", ".join(f"{k} {v}" for k, v in s["cosine"].items())
         + f"; gate {'passed' if s['passed'] else 'failed: ' + '; '.join(s['failures'])}.",
         "",
-        f"{len(table['regions'])} quantized regions, measured in {table['seconds']} s. Estimate: "
+        f"{len(table['regions'])} {'fp16' if table['precision'] == 'fp16' else 'quantized'} regions, measured in {table['seconds']} s. Estimate: "
         + (f"the top {table['estimate']} kept in higher precision pass the gate."
            if table["estimate"] is not None else f"the top {table['max_nodes']} (max_nodes) do not pass the gate."),
         "",
@@ -195,7 +216,12 @@ def measure(cfg: KilnConfig, model: str, opset: int, precision: str, fp32_onnx: 
     table = {"model": model, "opset": opset, "precision": precision, "split": "calib", "images": n,
              "variant": str(variant_onnx), "reference": str(fp32_onnx), "runtime": "onnxruntime CPU",
              "thresholds": p["thresholds"]}
-    table.update(rank(judge, onnx.load(str(variant_onnx)), p["max_nodes"]))
+    variant = onnx.load(str(variant_onnx))
+    if precision == "fp16":
+        table["runtime"] = EMULATION
+        table.update(rank_fp16(judge, onnx.load(str(fp32_onnx)), variant, p["max_nodes"]))
+    else:
+        table.update(rank(judge, variant, p["max_nodes"]))
     table["wall_s"] = round(time.perf_counter() - t0, 3)
     with atomic_path(out_md) as tmp:
         tmp.write_text(markdown(table))

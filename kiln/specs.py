@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 # "<p>-mixed" is the fallback variant of a strict precision: the regions the sensitivity stage
 # ranks most sensitive kept in higher precision (kiln.precision.fallback); "<p>" itself stays strict.
 MIXED = "-mixed"
-MIXED_PRECISIONS = ("int8-mixed", "fp8-mixed")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-mixed", "fp8", "fp8-mixed", "best")
+MIXED_PRECISIONS = ("int8-mixed", "fp8-mixed", "fp16-mixed")
+PRECISIONS = ("fp32", "fp16", "fp16-mixed", "bf16", "int8", "int8-mixed", "fp8", "fp8-mixed", "best")
 
 
 def base_precision(precision: str) -> str:

@@ -1,5 +1,6 @@
-# Layer sensitivity of a strict int8/fp8 variant on the calibration split, and the mixed variant
-# (int8-mixed, fp8-mixed) that keeps its most sensitive regions in higher precision (docs/accuracy.md).
+# Layer sensitivity of a strict int8/fp8/fp16 variant on the calibration split (fp16 on its emulation), and
+# the mixed variant (int8-mixed, fp8-mixed, fp16-mixed) that keeps its most sensitive regions in higher
+# precision (docs/accuracy.md).
 
 
 rule sensitivity:
@@ -17,7 +18,7 @@ rule sensitivity:
         spec=lambda w: kiln_sensitivity.params(KILN, w.model, w.precision),
         code=PLAN.code("sensitivity"),
     wildcard_constraints:
-        precision="int8|fp8",
+        precision="int8|fp8|fp16",
     threads: 2
     resources:
         **PLAN.resources("sensitivity"),
@@ -43,7 +44,7 @@ rule fallback:
         spec=lambda w: kiln_precision.params(KILN, w.model, w.precision),
         code=PLAN.code("fallback"),
     wildcard_constraints:
-        precision="int8-mixed|fp8-mixed",
+        precision="int8-mixed|fp8-mixed|fp16-mixed",
     threads: 2
     resources:
         **PLAN.resources("fallback"),

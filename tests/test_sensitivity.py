@@ -301,3 +301,140 @@ def test_bf16_sensitivity_is_refused_where_onnx_runtime_cpu_cannot_run_bf16(conf
                                         r"run bf16 here \(probed on onnxruntime .*NOT_IMPLEMENTED.*\): remove bf16 "
                                         r"from the list$"):
         load(config_dict, check_paths=False)
+
+
+# --------------------------------------------------------------------------- fp16: the emulation, ranking, fp16-mixed
+
+X300 = 300.0 + np.array([0.01, 0.1, 0.3, 0.37, 0.6, 0.77, 0.9, 0.13], np.float32).reshape(1, 1, 2, 4)
+
+
+def _r(v):
+    return np.asarray(v, np.float32).astype(np.float16).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def fp16_pair(tmp_path_factory):
+    """A tiny fp32 graph whose first node is fp16-sensitive on purpose (images - 300: a large value minus a large
+    value, where fp16's step is 0.25), and its fp16 variant made by rule precision's AutoCast (kiln.precision.cast)."""
+    from kiln.precision.cast import make_variant
+    from kiln.precision.options import PrecisionOptions
+
+    def c(name, v):
+        return numpy_helper.from_array(np.array(v, np.float32), name)
+
+    nodes = [helper.make_node("Sub", ["images", "c300"], ["d"], name="/sensitive/Sub"),
+             helper.make_node("Mul", ["d", "c2"], ["e"], name="/a/Mul"),
+             helper.make_node("Add", ["e", "c1"], ["f"], name="/b/Add"),
+             helper.make_node("Relu", ["f"], ["h"], name="/c/Relu"),
+             helper.make_node("Mul", ["h", "c2"], ["y"], name="/d/Mul")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 1, 2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 4])],
+                          [c("c300", 300.0), c("c2", 2.0), c("c1", 1.0)])
+    d = tmp_path_factory.mktemp("fp16")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(d / "fp32.onnx"))
+    make_variant(d / "fp32.onnx", d / "fp16.onnx", PrecisionOptions("fp16"), calib=None, log=lambda s: None)
+    return d / "fp32.onnx", d / "fp16.onnx"
+
+
+def _y(model, optimize=True):
+    from kiln.judge import session
+
+    return session(model, optimize=optimize).run(["y"], {"images": X300})[0]
+
+
+def test_the_fp16_emulation_rounds_what_the_variant_stores_in_fp16_and_ort_cpu_keeps_its_casts(fp16_pair):
+    from kiln import fp16_emulation
+
+    fp32, fp16 = (onnx.load(str(p)) for p in fp16_pair)
+    storage = fp16_emulation.fp16_storage(fp16)
+    assert "/sensitive/Sub" in storage and storage["/sensitive/Sub"][0] == {0, 1}  # AutoCast keeps node names
+    regions = fp16_emulation.regions(fp16, fp32)
+    assert [r["node"] for r in regions] == [n for n in ("/sensitive/Sub", "/a/Mul", "/b/Add", "/d/Mul")
+                                            if n in storage]  # graph order, Relu (a move) not ranked
+    em = fp16_emulation.emulate(fp32, storage)
+    onnx.checker.check_model(em)
+    # What the variant computes with fp16 storage and fp32 arithmetic, in numpy, node by node.
+    d = _r(_r(X300) - 300) if "/sensitive/Sub" in storage else X300 - 300
+    d = _r(d) if "/a/Mul" in storage else d
+    h = np.maximum(d * 2 + 1, 0)
+    want = _r(_r(h) * 2) if "/d/Mul" in storage else h * 2
+    for optimize in (False, True):  # the Cast pairs survive ORT_DISABLE_ALL and ORT's default optimisation alike
+        np.testing.assert_array_equal(_y(em, optimize), want)
+    exact = _y(fp32)
+    assert np.abs(_y(em, False) - exact).max() > 0.05  # fp16 rounding of 300.x: steps of 0.25
+    kept = fp16_emulation.emulate(fp32, storage, keep={"/sensitive/Sub"})
+    assert np.abs(_y(kept, False) - exact).max() < 0.01  # the sensitive node left fp32: the rounding is gone
+    assert [n.op_type for n in fp32.graph.node] == ["Sub", "Mul", "Add", "Relu", "Mul"]  # the original untouched
+
+
+class _MaxAbsJudge:
+    """A judge of the tiny graph: error = the largest absolute difference from fp32 on X300, gate 0.01."""
+
+    reference_accuracy = {"map50_95": 1.0, "map50": 1.0}
+
+    def __init__(self, fp32):
+        self.exact = _y(onnx.load(str(fp32)))
+        self.runs = []
+
+    def measure(self, model, optimize=True):
+        if isinstance(model, (str, Path)):
+            model = onnx.load(str(model))
+        self.runs.append(optimize)
+        err = float(np.abs(_y(model, optimize) - self.exact).max())
+        return {"error": round(err, 9), "passed": err < 0.01, "failures": [] if err < 0.01 else [f"error {err}"],
+                "seconds": 0.0}
+
+
+def _brief(res):
+    return {k: res[k] for k in ("error", "passed", "failures", "seconds")}
+
+
+def test_fp16_ranking_on_the_emulation_finds_the_sensitive_node_first(fp16_pair, monkeypatch):
+    monkeypatch.setattr(sensitivity, "brief", _brief)
+    judge = _MaxAbsJudge(fp16_pair[0])
+    table = sensitivity.rank_fp16(judge, *(onnx.load(str(p)) for p in fp16_pair), max_nodes=3, log_=lambda s: None)
+    assert not table["strict"]["passed"] and table["strict"]["error"] > 0.05
+    first = table["regions"][0]
+    assert (first["node"], first["op_type"], first["block"], first["rank"]) == ("/sensitive/Sub", "Sub",
+                                                                                "/sensitive/Sub", 1)
+    assert first["error_added"] > 0.05 and first["kept"]["passed"]
+    assert all(r["error_added"] < first["error_added"] for r in table["regions"][1:])
+    assert table["estimate"] == 1 and table["cumulative"][0]["top"] == 1
+    assert judge.runs and not any(judge.runs)  # every emulation judged at ORT_DISABLE_ALL
+
+
+def test_fp16_mixed_keeps_the_sensitive_node_in_fp32_and_passes_where_strict_fails(fp16_pair, monkeypatch, tmp_path,
+                                                                                    config_dict):
+    from kiln.precision import fallback
+    from kiln.util import write_json
+
+    config_dict["devices"] = {"cpu": {"backend": "onnxruntime", "opset": 17, "batch_sizes": [1],
+                                      "precisions": ["fp32", "fp16", "fp16-mixed"]}}
+    config_dict["models"]["yolo_demo"]["sensitivity"] = {"precisions": ["fp16"], "max_nodes": 3}
+    cfg = load(config_dict, check_paths=False)
+    assert ("yolo_demo", 17, "fp16") in sensitivity.wanted(cfg)
+    assert cfg.precisions("yolo_demo", 17) == ["fp32", "fp16", "fp16-mixed"]
+    assert cfg.devices["cpu"].variant_of("fp16-mixed") == "fp16-mixed"
+
+    monkeypatch.setattr(sensitivity, "brief", _brief)
+    fp32, fp16 = fp16_pair
+    table = sensitivity.rank_fp16(_MaxAbsJudge(fp32), onnx.load(str(fp32)), onnx.load(str(fp16)), 3, log_=str)
+    write_json(tmp_path / "fp16.json", table)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, images=np.zeros((2, 3, 8, 8), np.uint8), image_ids=np.arange(2), orig_sizes=np.ones((2, 2)),
+             ratios=np.ones(2), pads=np.zeros((2, 2)))
+    monkeypatch.setattr(fallback.Judge, "on_fp32", classmethod(lambda cls, src, **k: _MaxAbsJudge(src)))
+    monkeypatch.setattr(fallback, "brief", _brief)
+    fb = fallback.make_mixed(cfg, "yolo_demo", "fp16-mixed", fp32, tmp_path / "fp16-mixed.onnx",
+                             tmp_path / "fp16-mixed.json", npz, tmp_path / "ann.json", tmp_path / "fp16.json",
+                             strict_onnx=fp16)["fallback"]
+    assert not fb["strict_on_calib"]["passed"] and fb["passed_on_calib"] and fb["stopped_by"] == "gate passed"
+    assert [k["node"] for k in fb["kept"]] == ["/sensitive/Sub"] and fb["strict"] == "fp16"
+    assert fb["why"].endswith("judged on the fp16 emulation (fp32 arithmetic, fp16 storage) on onnxruntime CPU, "
+                              "kiln.fp16_emulation") and "kept in fp32 (ModelOpt AutoCast nodes_to_exclude)" in fb["why"]
+    mixed = onnx.load(str(tmp_path / "fp16-mixed.onnx"))  # a real fp16 ONNX, the kept node in fp32
+    from kiln import fp16_emulation
+
+    stored = fp16_emulation.fp16_storage(mixed)
+    assert "/sensitive/Sub" not in stored and stored
+    assert any(n.op_type == "Cast" for n in mixed.graph.node)

@@ -1,9 +1,12 @@
-"""Rule ``fallback``: the mixed variant of a strict int8/fp8 one (``int8-mixed``, ``fp8-mixed``).
+"""Rule ``fallback``: the mixed variant of a strict int8/fp8/fp16 one (``int8-mixed``, ``fp8-mixed``, ``fp16-mixed``).
 
 It keeps the fewest, most sensitive regions in higher precision: the first k nodes of the
 sensitivity table (kiln/sensitivity.py, rule ``sensitivity``) go to ModelOpt's own
 ``nodes_to_exclude`` on top of the model's calibration block, and the variant is made by rule
 quantize's code (kiln.precision.quantize), then judged on the calibration split (kiln.judge).
+``fp16-mixed`` is made by rule precision's AutoCast (kiln.precision.cast) with the kept nodes in
+fp32, and each try is judged on its fp16 emulation (kiln.fp16_emulation: fp32 arithmetic, fp16
+storage), not on ONNX Runtime CPU's own fp16, which runs in fp32.
 k starts at the table's estimate and grows until the gate passes there or a limit is reached:
 ``models.<m>.sensitivity.max_nodes``, or ``max_latency_loss`` (the latency given up against the strict
 variant, timed on this host's CPU: an estimate; each device's summary row has its own figure). The strict variant stays as it was, beside it.
@@ -21,10 +24,14 @@ import re
 import time
 from pathlib import Path
 
+import onnx
+
+from kiln import fp16_emulation
 from kiln.batches import Inputs
 from kiln.batches import load as load_inputs
 from kiln.judge import Judge, brief, session
 from kiln.latency import measure
+from kiln.precision.cast import make_variant as autocast_variant
 from kiln.precision.options import options_from_config, params
 from kiln.precision.ptq import make_variant
 from kiln.precision.variant import atomic_copy
@@ -39,6 +46,8 @@ logger = logging.getLogger("kiln.precision")
 CPU_TIMING = {"warmup_ms": 100.0, "min_iterations": 20, "min_seconds": 0.5}
 CPU_NOTE = ("CPU-host estimates: ONNX Runtime CPU at batch 1 on the host that ran rule fallback, not the device; "
             "each device's summary row has the latency its mixed engine gave up there (latency_given_up)")
+
+JUDGED_ON_FP16 = "fp16 emulation (fp32 arithmetic, fp16 storage) on onnxruntime CPU, kiln.fp16_emulation"
 
 
 def cpu_median_ms(onnx_path: Path, feeds: dict, threads: int = 0) -> float:
@@ -71,6 +80,19 @@ def make_mixed(cfg, model: str, precision: str, src: Path, dst: Path, record: Pa
     judge = Judge.on_fp32(src, spec=spec, inputs=inputs, annotations=Path(annotations), thresholds=p["thresholds"],
                           match_score=p["match_score"], batch_size=p["batch_size"], threads=threads)
     strict = options_from_config(base, spec.calibration)  # the strict variant's options
+    emulated = base == "fp16"
+    fp32_model = onnx.load(str(src)) if emulated else None
+
+    def make_try(out: Path, options) -> dict:
+        if emulated:  # as rule precision makes fp16: AutoCast's range check on random data, no calibration
+            return autocast_variant(Path(src), out, options, calib=None, log=logger.warning)
+        return make_variant(Path(src), out, options, calib=calib, log=logger.warning)
+
+    def judge_try(out: Path) -> dict:
+        if emulated:  # the try's own fp16 tensors rounded in the fp32 graph: its kept nodes stay fp32
+            storage = fp16_emulation.fp16_storage(onnx.load(str(out)))
+            return judge.measure(fp16_emulation.emulate(fp32_model, storage), optimize=False)
+        return judge.measure(out)
 
     tries: list[dict] = []
     made: list[tuple[int, Path, dict, dict]] = []  # (k, file, make_variant's info, judgement) of each try
@@ -86,8 +108,8 @@ def make_mixed(cfg, model: str, precision: str, src: Path, dst: Path, record: Pa
             options = dataclasses.replace(
                 strict, nodes_to_exclude=(*strict.nodes_to_exclude, *(re.escape(r["node"]) for r in ranked[:k])))
             out = work / f"top{k}.onnx"
-            info = make_variant(Path(src), out, options, calib=calib, log=logger.warning)
-            res = judge.measure(out)
+            info = make_try(out, options)
+            res = judge_try(out)
             entry = {"kept": k, **brief(res)}
             if timing:
                 ms = cpu_median_ms(out, one, threads)
@@ -114,7 +136,7 @@ def make_mixed(cfg, model: str, precision: str, src: Path, dst: Path, record: Pa
     kept = ranked[:k]
     info["dst"] = str(dst)
     info["precision"] = precision
-    info["calibration_images"] = len(calib["images"])
+    info["calibration_images"] = 0 if emulated else len(calib["images"])
     passed = entry["passed"]
     higher = "fp16" if base in ("int8", "fp8") else "fp32"
     within = not timing or entry["cpu_latency_loss"] <= max_loss
@@ -128,11 +150,13 @@ def make_mixed(cfg, model: str, precision: str, src: Path, dst: Path, record: Pa
     elif passed:
         why = ("the strict variant already passes the gate on the calibration split: nothing kept" if not kept else
                f"the {len(kept)} region{'s' if len(kept) > 1 else ''} adding the most error in the sensitivity table, "
-               f"kept in {higher} (ModelOpt nodes_to_exclude): with them the gate passes on the calibration split")
+               f"kept in {higher} (ModelOpt {'AutoCast ' if emulated else ''}nodes_to_exclude): with them the gate passes on the calibration split")
     else:
         why = (f"the gate still fails on the calibration split with {len(kept)} regions kept, the limit "
                f"(models.{model}.sensitivity.max_nodes {p['max_nodes']}, or every region that adds error): "
                + "; ".join(entry["failures"]))
+    if emulated:
+        why += f"; judged on the {JUDGED_ON_FP16}"
     info["fallback"] = {
         "strict": base,
         "sensitivity": str(table_json),
@@ -146,6 +170,7 @@ def make_mixed(cfg, model: str, precision: str, src: Path, dst: Path, record: Pa
         "kept": [{"node": r["node"], "op_type": r["op_type"], "block": r["block"], "rank": r["rank"],
                   "error_added": r["error_added"]} for r in kept],
         "why": why,
+        "judged_on": JUDGED_ON_FP16 if emulated else "onnxruntime CPU",
         "strict_on_calib": table["strict"],
         "tries": tries,
     }

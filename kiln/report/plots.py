@@ -11,7 +11,7 @@ import io
 from kiln.report.data import Engine, Model
 
 # One colour per precision, the same in every figure.
-COLOURS = {"fp32": "#1f77b4", "fp16": "#ff7f0e", "bf16": "#9467bd", "int8": "#2ca02c", "int8-mixed": "#98df8a",
+COLOURS = {"fp32": "#1f77b4", "fp16": "#ff7f0e", "fp16-mixed": "#ffbb78", "bf16": "#9467bd", "int8": "#2ca02c", "int8-mixed": "#98df8a",
            "fp8": "#d62728", "fp8-mixed": "#ff9896", "best": "#8c564b"}
 MARKERS = "osD^vP*Xh"
 DPI = 100
