@@ -5,26 +5,21 @@ exceed +-512 (where fp16's step is already 0.5), inserts Cast nodes at the borde
 IO fp32 (``keep_io_types``). bf16 needs opset 22; AutoCast raises it. The range check runs on a few
 calibration samples when given, else on random data.
 
-``autocast`` is also the second pass of rule ``quantize`` (kiln.precision.quantize), which is why
-that module imports this one; this one imports nothing of quantization.
+The conversion itself is kiln/precision/castvariant.py, which the fp16-mixed fallback runs too; AutoCast
+is also the second pass of rule ``quantize`` (through kiln/precision/ptq.py). This module imports nothing
+of quantization.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from kiln.precision.autocast import autocast
-from kiln.precision.graph import anchor, first_samples
-from kiln.precision.options import AUTOCAST_REFERENCE_SAMPLES, LOW_PRECISIONS, PrecisionOptions, options_from_config
-from kiln.precision.variant import Conversion, make
+from kiln.precision.castvariant import RULE_PRECISIONS, make_variant
+from kiln.precision.options import options_from_config
 from kiln.util import write_json
 
-RULE_PRECISIONS = ("fp32", *LOW_PRECISIONS)  # what rule precision makes
+__all__ = ["RULE_PRECISIONS", "make_variant", "run_rule", "variant_for_rule"]
 
 # The package's name, as before it was split in modules: the rule's log lines read the same.
 logger = logging.getLogger("kiln.precision")
@@ -47,42 +42,6 @@ def variant_for_rule(
     write_json(record, info)
     logger.info("%s %s: done in %.2f s", model, precision, info["wall_s"])
     return info
-
-
-def make_variant(
-    src: Path,
-    dst: Path,
-    options: PrecisionOptions,
-    calib: dict[str, np.ndarray] | None = None,
-    log: Callable[[str], Any] = print,
-) -> dict:
-    """The fp32, fp16 or bf16 variant of ``src`` at ``dst``, as kiln.precision.make_variant describes."""
-    return make(src, dst, options, calib, log, precisions=RULE_PRECISIONS, convert=_convert)
-
-
-def _convert(c: Conversion) -> Path:
-    """AutoCast to ``c.options.precision``, the output Sigmoids, score tail and user's exclusions kept fp32."""
-    import modelopt
-
-    options = c.options
-    c.record["method"] = "autocast"
-    c.log(
-        f"{options.precision}: ModelOpt {modelopt.__version__} AutoCast of {c.src.name}"
-        f" (fp32 kept for {len(c.keep_fp32)} output-sigmoid/score nodes"
-        f"{', op types ' + ','.join(options.op_types_to_exclude) if options.op_types_to_exclude else ''})"
-    )
-    return autocast(
-        c.path,
-        c.work / "variant.onnx",
-        options.precision,
-        keep_io_types=options.keep_io_types,
-        nodes_to_exclude=[anchor(n) for n in c.keep_fp32] + c.user_patterns,
-        op_types_to_exclude=list(options.op_types_to_exclude),
-        calib=first_samples(c.model, c.calib, AUTOCAST_REFERENCE_SAMPLES),
-        work=c.work,
-        capture=c.capture,
-        what=str(c.src),
-    )
 
 
 def run_rule(cfg, job) -> None:

@@ -4,7 +4,7 @@ It keeps the fewest, most sensitive regions in higher precision: the first k nod
 sensitivity table (kiln/sensitivity.py, rule ``sensitivity``) go to ModelOpt's own
 ``nodes_to_exclude`` on top of the model's calibration block, and the variant is made by rule
 quantize's code (kiln.precision.quantize), then judged on the calibration split (kiln.judge).
-``fp16-mixed`` is made by rule precision's AutoCast (kiln.precision.cast) with the kept nodes in
+``fp16-mixed`` is made by rule precision's AutoCast (kiln.precision.castvariant) with the kept nodes in
 fp32, and each try is judged on its fp16 emulation (kiln.fp16_emulation: fp32 arithmetic, fp16
 storage), not on ONNX Runtime CPU's own fp16, which runs in fp32.
 k starts at the table's estimate and grows until the gate passes there or a limit is reached:
@@ -31,7 +31,7 @@ from kiln.batches import Inputs
 from kiln.batches import load as load_inputs
 from kiln.judge import Judge, brief, session
 from kiln.latency import measure
-from kiln.precision.cast import make_variant as autocast_variant
+from kiln.precision.castvariant import make_variant as autocast_variant
 from kiln.precision.options import options_from_config, params
 from kiln.precision.ptq import make_variant
 from kiln.precision.variant import atomic_copy
