@@ -60,10 +60,7 @@ def raw_config(root: Path, **model_extra) -> dict:
         raw["models"][name.replace("-", "_")] = {
             "source": "ultralytics", "ultralytics_yaml": str(root / f"{name}.yaml"), "factory_args": {"nc": NC},
             "layout": "ultralytics_rtdetr" if name.startswith("rtdetr") else "yolo", "dataset": "demo",
-            # max calibration for RT-DETR-l: entropy's histograms of its many tensors cost most of this run's time.
-            "input_size": [SIZES[name]] * 2,
-            "calibration": {"images": 8, "method": "max" if name.startswith("rtdetr") else "entropy"},
-            **model_extra.get(name, {})}
+            "input_size": [SIZES[name]] * 2, "calibration": {"images": 8}, **model_extra.get(name, {})}
     raw["datasets"]["demo"]["val"]["count"] = 8
     raw["devices"] = {
         # Two streams at most: the stream counts' queries of RT-DETR-l dominated its validations.
