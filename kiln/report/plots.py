@@ -130,16 +130,8 @@ def throughput_batch(model: Model, device: str) -> bytes | None:
         sizes |= set(xs)
         ax.plot(xs, [lat["throughput_ips"] for lat in e.latency], marker="o", color=_colour(e.precision),
                 label=e.precision)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(sizes), [str(s) for s in sorted(sizes)])
-    ax.minorticks_off()
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("throughput (images/s)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"{model.name} on {device}: throughput vs batch size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _throughput_axes(fig, ax, sizes, "batch size", "throughput (images/s)",
+                            f"{model.name} on {device}: throughput vs batch size")
 
 
 def throughput_streams(model: Model, device: str) -> bytes | None:
@@ -158,13 +150,19 @@ def throughput_streams(model: Model, device: str) -> bytes | None:
         at = next((r for r in res if r["streams"] == e.streams.get("best")), None)
         if at:
             ax.scatter(at["streams"], at["images_per_s"], s=180, facecolors="none", edgecolors="black", zorder=4)
+    return _throughput_axes(fig, ax, counts, "concurrent streams", "throughput (images/s, all streams)",
+                            f"{model.name} on {device}: throughput vs streams")
+
+
+def _throughput_axes(fig, ax, xs: set[int], xlabel: str, ylabel: str, title: str) -> bytes:
+    """A throughput figure's axes: x on a log2 scale ticked at the measured values, y from 0."""
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(counts), [str(s) for s in sorted(counts)])
+    ax.set_xticks(sorted(xs), [str(x) for x in sorted(xs)])
     ax.minorticks_off()
-    ax.set_xlabel("concurrent streams")
-    ax.set_ylabel("throughput (images/s, all streams)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{model.name} on {device}: throughput vs streams")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
