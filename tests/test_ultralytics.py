@@ -5,7 +5,7 @@ what does not depend on training: layouts, export in Ultralytics' export mode, p
 PyTorch and ONNX Runtime, simplify, surgery (the device-required passes, NMS), the fp16 and int8
 variants, the CPU device's engines, references, validations and summary rows, and TensorRT-RTX
 ahead-of-time builds. The three models go through one Snakemake run of the workflow (what a user's
-`snakemake --configfile` does). Inputs are small (320, RT-DETR 256) to keep the CPU cost down; all of
+`snakemake --configfile` does). Inputs are small (320, RT-DETR 192) to keep the CPU cost down; all of
 it takes a few minutes on 2 cores (marked ``slow``: deselect with ``-m 'not slow'``).
 """
 
@@ -37,7 +37,7 @@ CFG = Path(ultralytics.__file__).parent / "cfg" / "models"
 # The scale is read from the file name (yolov8n.yaml -> scale n), as Ultralytics does.
 YAMLS = {"yolov8n": CFG / "v8" / "yolov8.yaml", "yolo11n": CFG / "11" / "yolo11.yaml",
          "rtdetr-l": CFG / "rt-detr" / "rtdetr-l.yaml"}
-SIZES = {"yolov8n": 320, "yolo11n": 320, "rtdetr-l": 256}
+SIZES = {"yolov8n": 320, "yolo11n": 320, "rtdetr-l": 192}
 NC = 3
 
 
@@ -237,7 +237,7 @@ def test_rtdetr_l_every_stage(cfg, rtdetr, images):
     step = next(s for s in rtdetr["surgery_record"]["passes"] if s["pass"] == "decompose_layernorm")
     assert step["rewritten"] >= 1 and step["required_by"] == ["orin"]
     assert "LayerNormalization" not in {n.op_type for n in onnx.load(str(rtdetr["surgery"])).graph.node}
-    x = images[256]
+    x = images[SIZES["rtdetr-l"]]
     with torch.no_grad():
         ref = export.build_module(spec)(torch.from_numpy(x)).numpy()
     got = sess(rtdetr["surgery"]).run(None, {"images": x})[0]
