@@ -438,15 +438,24 @@ def torch_context_factory(torch, channels: int = 64, size: int = 128, layers: in
     return name, make_context, convs
 
 
-def streams_main(args) -> int:
-    counts = parse_counts(args.streams)
+def cuda_torch(no_torch: str, no_gpu: str):
+    """torch where it sees a CUDA GPU, else None after printing the line that says which is missing."""
     try:
         import torch
     except ImportError:
-        print("streams mode needs PyTorch with CUDA: torch is not installed here", file=sys.stderr)
-        return 2
+        print(no_torch, file=sys.stderr)
+        return None
     if not torch.cuda.is_available():
-        print("streams mode needs a CUDA GPU: torch sees none here", file=sys.stderr)
+        print(no_gpu, file=sys.stderr)
+        return None
+    return torch
+
+
+def streams_main(args) -> int:
+    counts = parse_counts(args.streams)
+    torch = cuda_torch("streams mode needs PyTorch with CUDA: torch is not installed here",
+                       "streams mode needs a CUDA GPU: torch sees none here")
+    if torch is None:
         return 2
     t0 = time.perf_counter()
     info = gpu_info(torch)
@@ -486,14 +495,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.streams:
         return streams_main(args)
-    try:
-        import torch
-    except ImportError:
-        print("bench/latency_gpu.py needs PyTorch with CUDA: torch is not installed here", file=sys.stderr)
-        return 2
-
-    if not torch.cuda.is_available():
-        print("no CUDA GPU visible to torch", file=sys.stderr)
+    torch = cuda_torch("bench/latency_gpu.py needs PyTorch with CUDA: torch is not installed here",
+                       "no CUDA GPU visible to torch")
+    if torch is None:
         return 2
     t0 = time.perf_counter()
     info = gpu_info(torch)

@@ -149,15 +149,20 @@ class OrtCudaRunner(Runner):
                 "cuda_libraries": self.cuda_libraries}
 
     def close(self) -> None:
+        if self._release():
+            with contextlib.suppress(Exception):
+                self.cudart.cudaStreamDestroy(self.stream)
+
+    def _release(self) -> bool:
+        """Wait for the stream, free this runner's buffers and drop the session; False when already closed."""
         if getattr(self, "rt", None) is None:
-            return
+            return False
         with contextlib.suppress(Exception):
             self.rt("cudaStreamSynchronize", self.stream)
         self._free()
         self.session = None
-        with contextlib.suppress(Exception):
-            self.cudart.cudaStreamDestroy(self.stream)
         self.rt = None
+        return True
 
     def _free(self) -> None:
         for buf, _, _ in self._buffers.values():
@@ -223,10 +228,4 @@ class _SessionStream(OrtCudaRunner):
 
     def close(self) -> None:
         """Free this stream's buffers; the session and its CUDA stream stay the owner's."""
-        if getattr(self, "rt", None) is None:
-            return
-        with contextlib.suppress(Exception):
-            self.rt("cudaStreamSynchronize", self.stream)
-        self._free()
-        self.session = None
-        self.rt = None
+        self._release()
