@@ -109,7 +109,7 @@ def deploy(rows: list[dict], limits: dict[str, float | None] | None = None) -> l
             "latency_median_ms": _latency(best) if best else None,
             "map50_95": best["map50_95"] if best else None,
             "why": (f"fastest of the {len(passed)} engines that pass every gate" if best
-                    else "no engine of this model passes every gate on this device"),
+                    else _none_why([r for r in rows if _key(r) == key])),
             "pareto": [{"precision": r["precision"], "latency_median_ms": _latency(r), "map50_95": r["map50_95"],
                         "status": r["status"]} for r in front.get(key, [])],
             "not_faster": [v for (m, d, _p), v in slow.items() if (m, d) == key],
@@ -162,3 +162,12 @@ def describe_check(check: dict | None) -> str | None:
         return None
     name = check["part"] if check["part"] != "detections" else f"detections {check['metric'].replace('_', ' ')}"
     return f"{name} {check['value']:.4f}"
+
+
+def _none_why(rows: list[dict]) -> str:
+    """Why a device has no engine to deploy: none passed, or none was validated where the summary ran."""
+    if any(r["status"] in ("passed", "failed", NOT_MEASURABLE) for r in rows):
+        return "no engine of this model passes every gate on this device"
+    statuses = ", ".join(sorted({r["status"] for r in rows}))
+    return f"not validated on this host: no engine of this model was measured here (rows: {statuses})"
+

@@ -79,6 +79,10 @@ def test_deploy_names_the_fastest_passing_engine_and_flags_lower_precisions_that
     assert findings.not_faster(rows)[("m", "gpu", "int8")].startswith("int8 is not faster than fp16 on gpu")
     none = findings.deploy([_row("int8", 20.0, 0.5, "failed")])[0]
     assert none["deploy"] is None and none["why"] == "no engine of this model passes every gate on this device"
+    # A device nothing was validated on (another host's): no verdict on its gates, the reason instead.
+    away = findings.deploy([_row("fp16", None, None, "not run"), _row("fp32", None, None, "built")])[0]
+    assert away["deploy"] is None
+    assert away["why"] == "not validated on this host: no engine of this model was measured here (rows: built, not run)"
 
 
 def test_hints_name_the_config_keys():
